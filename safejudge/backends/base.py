@@ -1,0 +1,72 @@
+"""The model interfaces every evaluator uses; backends implement them, evaluators never see a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+@runtime_checkable
+class MLLM(Protocol):
+    """A multimodal LLM that answers yes/no questions about one image (or none) and can reason."""
+
+    model_id: str
+
+    def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
+        """M = P(Yes)/(P(Yes)+P(No)) for each question, shape [len(questions)], in one call.
+
+        image None asks the questions with no image tokens at all (the language prior M(None, c)).
+        Implementations encode the image once and share it across the questions.
+        """
+        ...
+
+    def reason(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
+        """The raw final answer (expected `{"rating": "Yes"|"No", "rationale": ...}`) per question.
+
+        Two turns per question, as in the paper: think step by step about what is visible, then
+        summarise as JSON. Questions are independent; implementations may batch them.
+        """
+        ...
+
+
+@runtime_checkable
+class RelevanceEncoder(Protocol):
+    """A CLIP-style dual encoder; embeddings are L2-normalised rows."""
+
+    model_id: str
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A box in pixel coordinates (left, top, right, bottom) and the detector's confidence."""
+
+    box: tuple[int, int, int, int]
+    confidence: float
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Open-vocabulary detector for the central object of a precondition (Strategy 2)."""
+
+    model_id: str
+
+    def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
+        """The most confident box for each word, or None when nothing was found."""
+        ...
+
+
+@dataclass(frozen=True)
+class Models:
+    """What one judge needs: an MLLM, and optionally a relevance encoder and a detector."""
+
+    mllm: MLLM
+    relevance: RelevanceEncoder | None = None
+    detector: Detector | None = None

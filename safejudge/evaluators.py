@@ -1,0 +1,372 @@
+"""Two evaluators over one model interface: the paper's sequential loop and the batched engine.
+
+`sequential` runs Algorithm 1 as published: rule by rule, precondition by precondition, one MLLM call
+for M(x,c) and one for the prior M(None,c) every time, stopping a rule at its first failed item. It is
+the reference and the performance baseline. `batched` asks every question of every relevant rule in
+one call, looks priors up in the compiled constitution, and runs Strategy 2 and reasoning only for
+what is still undecided, each as one batched call. Both give the same verdict (tests/test_evaluators).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from safejudge.backends.base import Detection, Models
+from safejudge.compiled import CompiledConstitution, all_statements
+from safejudge.constitution import Rule, Thresholds
+from safejudge.decision import (
+    chain_outcome,
+    item_outcome,
+    parse_reasoning,
+    quick_decision,
+    strategy2_decision,
+)
+from safejudge.images import box_area_fraction, crop_region, remove_region
+from safejudge_client.verdict import DecidedBy, Outcome, PreconditionEvidence, Timing, Verdict, Violation
+
+
+class JudgeOptions(BaseModel):
+    """Per-request settings (the `OPTIONS` JSON of a request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="overrides of the constitution's Thresholds fields"
+    )
+    max_reasoning_calls: int | None = Field(None, ge=0, description="None: no limit")
+    evidence: Literal["full", "none"] = "full"
+    relevance_filter: bool = True
+    strategy2: bool = True
+    fail_closed: bool = Field(
+        True, description="garbage reasoning output or an exhausted budget counts as the content being visible"
+    )
+
+    def thresholds_for(self, base: Thresholds) -> Thresholds:
+        return base.merged(self.thresholds)
+
+
+@dataclass
+class Assessment:
+    """Everything learned about one precondition statement for one image."""
+
+    text: str
+    central_object: str | None
+    score: float | None = None
+    prior: float | None = None
+    score_without_center: float | None = None
+    outcome: Outcome = Outcome.NOT_EVALUATED
+    decided_by: DecidedBy = DecidedBy.NONE
+    rationale: str | None = None
+    reasoning_image: Image.Image | None = field(default=None, repr=False)
+
+
+class _CallCounter:
+    """Wraps the MLLM to count calls and image-conditioned questions for the verdict."""
+
+    def __init__(self, models: Models):
+        self.models = models
+        self.calls = 0
+        self.questions_scored = 0
+        self.reasoning_calls = 0
+
+    def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        if image is not None:
+            self.questions_scored += len(questions)
+        return np.asarray(self.models.mllm.score(image, list(questions)), dtype=np.float64)
+
+    def reason(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
+        self.calls += 1
+        self.reasoning_calls += len(questions)
+        answers = self.models.mllm.reason(image, list(questions))
+        if len(answers) != len(questions):
+            raise RuntimeError(f"MLLM returned {len(answers)} reasoning answers for {len(questions)} questions")
+        return answers
+
+
+@dataclass
+class _Clock:
+    timing: Timing = field(default_factory=Timing)
+
+    def add(self, name: str, start: float) -> None:
+        setattr(self.timing, name, getattr(self.timing, name) + (time.perf_counter() - start) * 1000.0)
+
+
+def _relevant_rules(
+    image: Image.Image,
+    rules: list[Rule],
+    rule_embeddings: Callable[[], np.ndarray | None],
+    models: Models,
+    thresholds: Thresholds,
+    options: JudgeOptions,
+) -> tuple[list[Rule], list[Rule]]:
+    """The paper's relevance scan: keep a rule iff cos(CLIP(image), CLIP(rule text)) > t."""
+    if models.relevance is None or not options.relevance_filter:
+        return rules, []
+    text_embeddings = rule_embeddings()
+    image_embedding = np.asarray(models.relevance.embed_images([image]), dtype=np.float32)[0]
+    similarity = np.asarray(text_embeddings, dtype=np.float32) @ image_embedding
+    kept = [rule for rule, s in zip(rules, similarity, strict=True) if s > thresholds.relevance]
+    skipped = [rule for rule, s in zip(rules, similarity, strict=True) if s <= thresholds.relevance]
+    return kept, skipped
+
+
+def _apply_quick(assessment: Assessment, thresholds: Thresholds) -> None:
+    decision = quick_decision(assessment.score, assessment.prior, thresholds)
+    assessment.outcome, assessment.decided_by = decision.outcome, decision.decided_by
+
+
+def _strategy2(
+    image: Image.Image, pending: list[Assessment], counter: _CallCounter, thresholds: Thresholds
+) -> None:
+    """Non-central bias: compare with the central object removed (or zoom in on a tiny one).
+
+    One detector call for every distinct central-object word, then one scoring call per view.
+    """
+    detector = counter.models.detector
+    candidates = [a for a in pending if a.central_object]
+    if detector is None or not candidates:
+        return
+    words = list(dict.fromkeys(a.central_object for a in candidates))
+    detections: dict[str, Detection | None] = dict(zip(words, detector.detect(image, words), strict=True))
+    by_view: dict[str, list[Assessment]] = {}
+    views: dict[str, tuple[str, Image.Image]] = {}
+    for word, detection in detections.items():
+        if detection is None or detection.confidence <= thresholds.detector_confidence:
+            continue
+        if box_area_fraction(image, detection) < thresholds.crop_area_fraction:
+            views[word] = ("crop", crop_region(image, detection.box))
+        else:
+            views[word] = ("removed", remove_region(image, detection.box))
+    for assessment in candidates:
+        if assessment.central_object in views:
+            by_view.setdefault(assessment.central_object, []).append(assessment)
+    for word, group in by_view.items():
+        kind, view = views[word]
+        view_scores = counter.score(view, [a.text for a in group])
+        for assessment, view_score in zip(group, view_scores, strict=True):
+            if kind == "removed":
+                assessment.score_without_center = float(view_score)
+                decision = strategy2_decision(assessment.score, assessment.score_without_center, thresholds)
+            else:
+                # A tiny object: the crop replaces the image for the remaining checks.
+                assessment.score = float(view_score)
+                assessment.reasoning_image = view
+                decision = quick_decision(assessment.score, assessment.prior, thresholds)
+            assessment.outcome, assessment.decided_by = decision.outcome, decision.decided_by
+
+
+def _reason(
+    image: Image.Image,
+    pending: list[Assessment],
+    counter: _CallCounter,
+    options: JudgeOptions,
+) -> None:
+    """Cascaded reasoning for the still-inconclusive statements, one batched call per image view."""
+    budget = None if options.max_reasoning_calls is None else options.max_reasoning_calls - counter.reasoning_calls
+    allowed = pending if budget is None else pending[: max(budget, 0)]
+    for assessment in pending[len(allowed):]:
+        assessment.outcome = Outcome.SATISFIED if options.fail_closed else Outcome.FAILED
+        assessment.decided_by = DecidedBy.REASONING_BUDGET
+        assessment.rationale = "reasoning budget exhausted"
+    groups: dict[int, list[Assessment]] = {}
+    for assessment in allowed:
+        groups.setdefault(id(assessment.reasoning_image), []).append(assessment)
+    for group in groups.values():
+        view = group[0].reasoning_image or image
+        for assessment, raw in zip(group, counter.reason(view, [a.text for a in group]), strict=True):
+            answer = parse_reasoning(raw, fail_closed=options.fail_closed)
+            assessment.outcome = Outcome.SATISFIED if answer.holds else Outcome.FAILED
+            assessment.decided_by = DecidedBy.REASONING if answer.parsed else DecidedBy.REASONING_UNPARSED
+            assessment.rationale = answer.rationale
+
+
+def _describe(a: Assessment) -> str:
+    if a.decided_by in (DecidedBy.REASONING, DecidedBy.REASONING_UNPARSED, DecidedBy.REASONING_BUDGET):
+        return f"'{a.text}' ({a.decided_by.value}: {a.rationale})"
+    if a.decided_by == DecidedBy.BETA:
+        return f"'{a.text}' (beta: M={a.score:.2f}, {a.score_without_center:.2f} without the {a.central_object})"
+    return f"'{a.text}' ({a.decided_by.value}: M={a.score:.2f}, prior {a.prior:.2f})"
+
+
+def _violation(rule: Rule, assessments: dict[tuple, Assessment], options: JudgeOptions) -> Violation:
+    evidence: list[PreconditionEvidence] = []
+    reasons: list[str] = []
+    for item_index, item in enumerate(rule.preconditions):
+        held = False
+        for alt_index, alt in enumerate(item):
+            a = assessments.get((alt.text, alt.central_object))
+            if a is None or a.outcome == Outcome.NOT_EVALUATED:
+                continue
+            if a.outcome == Outcome.SATISFIED and not held:
+                reasons.append(_describe(a))
+                held = True
+            evidence.append(
+                PreconditionEvidence(
+                    item=item_index,
+                    alternative=alt_index,
+                    text=a.text,
+                    score=a.score,
+                    prior=a.prior,
+                    score_without_center=a.score_without_center,
+                    outcome=a.outcome,
+                    decided_by=a.decided_by,
+                    rationale=a.rationale,
+                )
+            )
+    return Violation(
+        rule_id=rule.id,
+        title=rule.title,
+        category=rule.category,
+        severity=rule.severity.value,
+        reason="all preconditions hold: " + "; ".join(reasons),
+        evidence=evidence if options.evidence == "full" else [],
+    )
+
+
+def _rule_outcome(rule: Rule, assessments: dict[tuple, Assessment]) -> Outcome:
+    def alt_outcome(alt) -> Outcome:
+        a = assessments.get((alt.text, alt.central_object))
+        return a.outcome if a is not None else Outcome.NOT_EVALUATED
+
+    return chain_outcome(item_outcome(alt_outcome(alt) for alt in item) for item in rule.preconditions)
+
+
+def _verdict(
+    compiled: CompiledConstitution,
+    relevant: list[Rule],
+    skipped: list[Rule],
+    assessments: dict[tuple, Assessment],
+    counter: _CallCounter,
+    clock: _Clock,
+    options: JudgeOptions,
+    evaluator: str,
+    started: float,
+) -> Verdict:
+    violated = [rule for rule in relevant if _rule_outcome(rule, assessments) == Outcome.SATISFIED]
+    clock.add("total_ms", started)
+    constitution = compiled.constitution
+    return Verdict(
+        safe=not violated,
+        constitution=constitution.name,
+        constitution_version=constitution.version,
+        violations=[_violation(rule, assessments, options) for rule in violated],
+        rules_considered=[rule.id for rule in relevant],
+        rules_skipped_by_relevance=[rule.id for rule in skipped],
+        mllm_calls=counter.calls,
+        questions_scored=counter.questions_scored,
+        reasoning_calls=counter.reasoning_calls,
+        evaluator=evaluator,
+        model_id=counter.models.mllm.model_id,
+        timing=clock.timing,
+    )
+
+
+def judge_sequential(
+    image: Image.Image, compiled: CompiledConstitution, models: Models, options: JudgeOptions | None = None
+) -> Verdict:
+    """Algorithm 1 as the paper runs it. Uses nothing precomputed: priors and rule embeddings are
+    recomputed for every image, one MLLM call per question."""
+    options = options or JudgeOptions()
+    thresholds = options.thresholds_for(compiled.constitution.thresholds)
+    started, clock, counter = time.perf_counter(), _Clock(), _CallCounter(models)
+    rules = compiled.rules
+
+    t = time.perf_counter()
+    relevant, skipped = _relevant_rules(
+        image, rules, lambda: models.relevance.embed_texts([r.text for r in rules]), models, thresholds, options
+    )
+    clock.add("relevance_ms", t)
+
+    assessments: dict[tuple, Assessment] = {}
+    for rule in relevant:
+        for item in rule.preconditions:
+            item_holds = False
+            for alt in item:
+                a = Assessment(alt.text, alt.central_object)
+                assessments[(alt.text, alt.central_object)] = a
+                t = time.perf_counter()
+                a.score = float(counter.score(image, [alt.text])[0])
+                a.prior = float(counter.score(None, [alt.text])[0])
+                _apply_quick(a, thresholds)
+                clock.add("scoring_ms", t)
+                if a.outcome == Outcome.INCONCLUSIVE and options.strategy2:
+                    t = time.perf_counter()
+                    _strategy2(image, [a], counter, thresholds)
+                    clock.add("strategy2_ms", t)
+                if a.outcome == Outcome.INCONCLUSIVE:
+                    t = time.perf_counter()
+                    _reason(image, [a], counter, options)
+                    clock.add("reasoning_ms", t)
+                if a.outcome == Outcome.SATISFIED:
+                    item_holds = True
+                    break
+            if not item_holds:
+                break  # one failed item clears the rule: the paper stops checking it
+    return _verdict(compiled, relevant, skipped, assessments, counter, clock, options, "sequential", started)
+
+
+def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list[Assessment]:
+    """Inconclusive statements that can still change a verdict: in an item not yet held, of a rule
+    not yet cleared by a failed item. In rule and chain order (the order reasoning budgets follow)."""
+    pending: dict[int, Assessment] = {}
+    for rule in relevant:
+        if _rule_outcome(rule, assessments) != Outcome.INCONCLUSIVE:
+            continue
+        for item in rule.preconditions:
+            alts = [assessments[(alt.text, alt.central_object)] for alt in item]
+            if item_outcome(a.outcome for a in alts) == Outcome.INCONCLUSIVE:
+                for a in alts:
+                    if a.outcome == Outcome.INCONCLUSIVE:
+                        pending.setdefault(id(a), a)
+    return list(pending.values())
+
+
+def judge_batched(
+    image: Image.Image, compiled: CompiledConstitution, models: Models, options: JudgeOptions | None = None
+) -> Verdict:
+    """The engine: one scoring call for all questions of all relevant rules, priors from the compiled
+    constitution, then Strategy 2 and reasoning, each batched, only where a verdict still depends on it."""
+    options = options or JudgeOptions()
+    thresholds = options.thresholds_for(compiled.constitution.thresholds)
+    started, clock, counter = time.perf_counter(), _Clock(), _CallCounter(models)
+
+    t = time.perf_counter()
+    relevant, skipped = _relevant_rules(
+        image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options
+    )
+    clock.add("relevance_ms", t)
+
+    t = time.perf_counter()
+    keys = list(
+        dict.fromkeys((alt.text, alt.central_object) for rule in relevant for item in rule.preconditions for alt in item)
+    )
+    assessments = {key: Assessment(*key) for key in keys}
+    statements = all_statements(relevant)
+    scores = dict(zip(statements, counter.score(image, statements), strict=True)) if statements else {}
+    for a in assessments.values():
+        a.score, a.prior = float(scores[a.text]), compiled.priors[a.text]
+        _apply_quick(a, thresholds)
+    clock.add("scoring_ms", t)
+
+    if options.strategy2:
+        t = time.perf_counter()
+        _strategy2(image, _pending(relevant, assessments), counter, thresholds)
+        clock.add("strategy2_ms", t)
+
+    pending = _pending(relevant, assessments)
+    if pending:
+        t = time.perf_counter()
+        _reason(image, pending, counter, options)
+        clock.add("reasoning_ms", t)
+    return _verdict(compiled, relevant, skipped, assessments, counter, clock, options, "batched", started)
+
+
+EVALUATORS: dict[str, Callable[..., Verdict]] = {"sequential": judge_sequential, "batched": judge_batched}
