@@ -55,7 +55,7 @@ def yes_probability(logits: np.ndarray, yes_ids: Iterable[int], no_ids: Iterable
     """
     logits = np.asarray(logits, dtype=np.float64)
     margin = _logsumexp(logits[..., list(yes_ids)]) - _logsumexp(logits[..., list(no_ids)])
-    return 1.0 / (1.0 + np.exp(-margin))
+    return 0.5 * (1.0 + np.tanh(0.5 * margin))  # the logistic function, without overflow
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def parse_reasoning(raw: str, fail_closed: bool = True) -> ReasoningAnswer:
                 return ReasoningAnswer(rating == "yes", str(obj.get("rationale", "")).strip(), True)
     match = _RATING.search(text)
     if match:
-        rationale = re.search(r'"?rationale"?\s*[:=]\s*"?(.*?)"?\s*[}\n]', text, re.IGNORECASE | re.DOTALL)
+        rationale = re.search(r'"?rationale"?\s*[:=]\s*"?(.*?)"?\s*(?:[}\n]|$)', text, re.IGNORECASE | re.DOTALL)
         return ReasoningAnswer(match.group(1).lower() == "yes", rationale.group(1).strip() if rationale else "", True)
     return ReasoningAnswer(fail_closed, f"unparseable reasoning output: {text[:200]!r}", False)
 

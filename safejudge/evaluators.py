@@ -106,12 +106,16 @@ def _relevant_rules(
     models: Models,
     thresholds: Thresholds,
     options: JudgeOptions,
+    image_embedding: np.ndarray | None = None,
 ) -> tuple[list[Rule], list[Rule]]:
-    """The paper's relevance scan: keep a rule iff cos(CLIP(image), CLIP(rule text)) > t."""
-    if models.relevance is None or not options.relevance_filter:
+    """The paper's relevance scan: keep a rule iff cos(CLIP(image), CLIP(rule text)) > t.
+
+    image_embedding, when given, was computed upstream (the server's relevance stage)."""
+    if not options.relevance_filter or (models.relevance is None and image_embedding is None):
         return rules, []
     text_embeddings = rule_embeddings()
-    image_embedding = np.asarray(models.relevance.embed_images([image]), dtype=np.float32)[0]
+    if image_embedding is None:
+        image_embedding = np.asarray(models.relevance.embed_images([image]), dtype=np.float32)[0]
     similarity = np.asarray(text_embeddings, dtype=np.float32) @ image_embedding
     kept = [rule for rule, s in zip(rules, similarity, strict=True) if s > thresholds.relevance]
     skipped = [rule for rule, s in zip(rules, similarity, strict=True) if s <= thresholds.relevance]
@@ -330,17 +334,23 @@ def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list
 
 
 def judge_batched(
-    image: Image.Image, compiled: CompiledConstitution, models: Models, options: JudgeOptions | None = None
+    image: Image.Image,
+    compiled: CompiledConstitution,
+    models: Models,
+    options: JudgeOptions | None = None,
+    image_embedding: np.ndarray | None = None,
 ) -> Verdict:
     """The engine: one scoring call for all questions of all relevant rules, priors from the compiled
-    constitution, then Strategy 2 and reasoning, each batched, only where a verdict still depends on it."""
+    constitution, then Strategy 2 and reasoning, each batched, only where a verdict still depends on it.
+
+    image_embedding: the image's relevance embedding when an earlier stage computed it."""
     options = options or JudgeOptions()
     thresholds = options.thresholds_for(compiled.constitution.thresholds)
     started, clock, counter = time.perf_counter(), _Clock(), _CallCounter(models)
 
     t = time.perf_counter()
     relevant, skipped = _relevant_rules(
-        image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options
+        image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options, image_embedding
     )
     clock.add("relevance_ms", t)
 

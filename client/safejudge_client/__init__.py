@@ -1,1 +1,27 @@
-"""gRPC client for safejudge."""
+"""gRPC client for safejudge: judge images against a named constitution on a safejudge (Triton) server.
+
+    from safejudge_client import JudgeClient
+    with JudgeClient("127.0.0.1:8001") as client:
+        verdict = client.judge("photo.jpg", "os-bench")
+"""
+
+from safejudge_client.aio import AsyncJudgeClient
+from safejudge_client.client import JudgeClient
+from safejudge_client.errors import DeadlineExceeded, InvalidRequest, JudgeError, ProtocolError, ServerUnavailable
+from safejudge_client.verdict import DecidedBy, Outcome, PreconditionEvidence, Timing, Verdict, Violation
+
+__all__ = [
+    "AsyncJudgeClient",
+    "DeadlineExceeded",
+    "DecidedBy",
+    "InvalidRequest",
+    "JudgeClient",
+    "JudgeError",
+    "Outcome",
+    "PreconditionEvidence",
+    "ProtocolError",
+    "ServerUnavailable",
+    "Timing",
+    "Verdict",
+    "Violation",
+]

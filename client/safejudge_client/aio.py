@@ -1,0 +1,119 @@
+"""asyncio client with the same API as JudgeClient, over tritonclient.grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import tritonclient.grpc.aio as aiogrpcclient
+from tritonclient.utils import InferenceServerException
+
+from safejudge_client.client import (
+    DEFAULT_MODEL,
+    DEFAULT_URL,
+    ImageInput,
+    Options,
+    RetryPolicy,
+    build_inputs,
+    check_url,
+    parse_verdict,
+    probe_failed,
+)
+from safejudge_client.errors import from_triton
+from safejudge_client.verdict import Verdict
+
+T = TypeVar("T")
+
+
+class AsyncJudgeClient:
+    """Judge images on a safejudge server from asyncio code; same timeouts, retries and errors as
+    JudgeClient. Use `async with` or `await close()`."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float | None = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        model_name: str = DEFAULT_MODEL,
+    ):
+        self.url = check_url(url)
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.retry = RetryPolicy(retries, backoff_s)
+        self._client = aiogrpcclient.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+
+    async def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
+        inputs = build_inputs(image, constitution, options)
+        result = await self._with_retries(
+            lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
+        )
+        return parse_verdict(result)
+
+    async def judge_many(
+        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *, concurrency: int = 4
+    ) -> list[Verdict]:
+        """Verdicts in the order of `images`, with up to `concurrency` requests in flight."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        slots = asyncio.Semaphore(concurrency)
+
+        async def judge_one(image: ImageInput) -> Verdict:
+            async with slots:
+                return await self.judge(image, constitution, options)
+
+        return list(await asyncio.gather(*(judge_one(image) for image in images)))
+
+    async def is_live(self) -> bool:
+        return await self._probe(lambda: self._client.is_server_live(client_timeout=self.timeout_s))
+
+    async def is_ready(self) -> bool:
+        async def server_and_model_ready() -> bool:
+            return await self._client.is_server_ready(client_timeout=self.timeout_s) and (
+                await self._client.is_model_ready(self.model_name, client_timeout=self.timeout_s)
+            )
+
+        return await self._probe(server_and_model_ready)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncJudgeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except InferenceServerException as exc:
+                error = from_triton(exc)
+                if not self.retry.should_retry(error, attempt):
+                    raise error from exc
+            await asyncio.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    @staticmethod
+    async def _probe(call: Callable[[], Awaitable[bool]]) -> bool:
+        try:
+            return bool(await call())
+        except InferenceServerException as exc:
+            error = probe_failed(exc)
+            if error is None:
+                return False
+            raise error from exc

@@ -1,0 +1,217 @@
+"""Blocking gRPC client for the `safety_judge` model of a safejudge (Triton) server.
+
+Wire format, one image per request: inputs IMAGE (BYTES [1,1], the encoded image file), CONSTITUTION
+(BYTES [1,1], a constitution name), OPTIONS (BYTES [1,1], JSON, only when given); output VERDICT
+(BYTES [1,1], Verdict JSON). The request helpers here are shared with the asyncio client (aio.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from tritonclient.utils import InferenceServerException
+
+from safejudge_client.errors import DeadlineExceeded, JudgeError, ProtocolError, ServerUnavailable, from_triton
+from safejudge_client.verdict import Verdict
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+Options = Union[Mapping[str, Any], BaseModel, None]
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_MODEL = "safety_judge"
+MAX_BACKOFF_S = 5.0
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+T = TypeVar("T")
+
+
+def encode_image(image: ImageInput) -> bytes:
+    """The bytes to send as IMAGE: a file's bytes unchanged, raw bytes unchanged, a PIL image as PNG."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, Image.Image):
+        if image.mode not in _PNG_MODES:  # e.g. CMYK cannot be stored as PNG
+            image = image.convert("RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        return path.read_bytes()
+    raise TypeError(f"image must be a path, bytes or a PIL.Image, not {type(image).__name__}")
+
+
+def encode_options(options: Options) -> bytes | None:
+    """OPTIONS JSON from a dict or a pydantic model (e.g. safejudge's JudgeOptions); None sends nothing."""
+    if options is None:
+        return None
+    if isinstance(options, BaseModel):
+        return options.model_dump_json(exclude_unset=True).encode()
+    if isinstance(options, Mapping):
+        return json.dumps(dict(options)).encode()
+    raise TypeError(f"options must be a dict or a pydantic model, not {type(options).__name__}")
+
+
+def _bytes_input(name: str, data: bytes) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+    return tensor
+
+
+def build_inputs(image: ImageInput, constitution: str, options: Options) -> list[grpcclient.InferInput]:
+    if not isinstance(constitution, str) or not constitution.strip():
+        raise ValueError(f"constitution must be a non-empty name, got {constitution!r}")
+    inputs = [_bytes_input("IMAGE", encode_image(image)), _bytes_input("CONSTITUTION", constitution.encode())]
+    options_json = encode_options(options)
+    if options_json is not None:
+        inputs.append(_bytes_input("OPTIONS", options_json))
+    return inputs
+
+
+def parse_verdict(result: grpcclient.InferResult) -> Verdict:
+    array = result.as_numpy("VERDICT")
+    if array is None or array.size != 1:
+        raise ProtocolError("the response has no single VERDICT output")
+    raw = array.reshape(-1)[0]
+    try:
+        return Verdict.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError(f"VERDICT is not a valid Verdict: {exc}") from exc
+
+
+def check_url(url: str) -> str:
+    if "://" in url:
+        raise ValueError(f"url must be host:port (gRPC, no scheme), got {url!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry only when the server is unavailable (not started yet, restarting, model loading); a rejected
+    request (INVALID_ARGUMENT) or a deadline is never retried."""
+
+    retries: int
+    backoff_s: float
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+
+    def should_retry(self, error: JudgeError, attempt: int) -> bool:
+        return isinstance(error, ServerUnavailable) and attempt < self.retries
+
+    def delay(self, attempt: int) -> float:
+        return min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
+
+
+def probe_failed(exc: InferenceServerException) -> JudgeError | None:
+    """For is_ready/is_live: None when the server simply is not there (answer False), else the error."""
+    error = from_triton(exc)
+    return None if isinstance(error, (ServerUnavailable, DeadlineExceeded)) else error
+
+
+class JudgeClient:
+    """Judge images on a safejudge server over gRPC.
+
+    timeout_s bounds each attempt (gRPC deadline; None: no deadline). Up to `retries` more attempts
+    follow an UNAVAILABLE answer, after backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds.
+    Thread-safe; use as a context manager or call close().
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float | None = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        model_name: str = DEFAULT_MODEL,
+    ):
+        self.url = check_url(url)
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.retry = RetryPolicy(retries, backoff_s)
+        self._client = grpcclient.InferenceServerClient(
+            url,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+
+    def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
+        """The verdict for one image (path, bytes of an image file, or PIL image) under a named constitution."""
+        inputs = build_inputs(image, constitution, options)
+        result = self._with_retries(
+            lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
+        )
+        return parse_verdict(result)
+
+    def judge_many(
+        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *, concurrency: int = 4
+    ) -> list[Verdict]:
+        """Verdicts in the order of `images`, with up to `concurrency` requests in flight.
+        The first failed request raises its error."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(lambda image: self.judge(image, constitution, options), images))
+
+    def is_live(self) -> bool:
+        return self._probe(lambda: self._client.is_server_live(client_timeout=self.timeout_s))
+
+    def is_ready(self) -> bool:
+        """The server is ready and so is the `safety_judge` model; False when it cannot be reached."""
+        return self._probe(
+            lambda: self._client.is_server_ready(client_timeout=self.timeout_s)
+            and self._client.is_model_ready(self.model_name, client_timeout=self.timeout_s)
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> JudgeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _with_retries(self, call: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except InferenceServerException as exc:
+                error = from_triton(exc)
+                if not self.retry.should_retry(error, attempt):
+                    raise error from exc
+            time.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    @staticmethod
+    def _probe(call: Callable[[], bool]) -> bool:
+        try:
+            return bool(call())
+        except InferenceServerException as exc:
+            error = probe_failed(exc)
+            if error is None:
+                return False
+            raise error from exc

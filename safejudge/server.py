@@ -1,0 +1,332 @@
+"""Launches the Triton 2.51 server shipped in the nvidia-pytriton wheel, on CPU, as a child process.
+
+The recipe and its traps are in docs (triton-on-cpu.md): the Python-backend stub must be a copy for this
+interpreter's X.Y, it needs libpython and the wheel's bundled libraries on LD_LIBRARY_PATH and the venv first
+on PATH, a stub that cannot load makes the server hang forever (hence `ldd` before starting and a readiness
+deadline), and a killed server leaves /dev/shm regions behind (hence a unique prefix, removed after stop).
+
+`TritonServer` runs any model repository whose config.pbtxt files may hold `${name}` placeholders;
+`ServeSettings.server()` builds the one for safejudge's own `model_repository/`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from string import Template
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from safejudge.backends.registry import ModelSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+SHM = Path("/dev/shm")
+STUB_NAME = "triton_python_backend_stub"
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, prepared, started or made ready; the message says why."""
+
+
+class TritonInstall:
+    """Where the pieces of Triton live inside the installed nvidia-pytriton wheel."""
+
+    def __init__(self) -> None:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise ServerError("nvidia-pytriton is not installed: pip install 'safejudge[server]'")
+        package = Path(next(iter(spec.submodule_search_locations)))
+        self.home = package / "tritonserver"
+        self.libs = package.parent / "nvidia_pytriton.libs"
+        self.binary = self.home / "bin" / "tritonserver"
+        self.python_backend = self.home / "backends" / "python"
+        for path in (self.binary, self.python_backend / "libtriton_python.so", self.libs):
+            if not path.exists():
+                raise ServerError(f"the nvidia-pytriton install is incomplete: {path} is missing")
+
+    def stub(self, python_version: str | None = None) -> Path:
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self.home / "python_backend_stubs" / version / STUB_NAME
+        if not stub.exists():
+            raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+        return stub
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (tests start servers on these)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def pbtxt_string(value: str) -> str:
+    """A protobuf text-format string literal (for values substituted into config.pbtxt)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def render_repository(source: Path, target: Path, values: Mapping[str, str]) -> None:
+    """Copy a model repository, filling `${name}` placeholders of every config.pbtxt from values."""
+    if not source.is_dir():
+        raise ServerError(f"model repository {source} is not a directory")
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for config in target.glob("*/config.pbtxt"):
+        try:
+            config.write_text(Template(config.read_text()).substitute(values))
+        except (KeyError, ValueError) as exc:
+            raise ServerError(f"{config.relative_to(target)}: placeholder {exc} has no value") from exc
+
+
+def _missing_libraries(binary: Path, env: Mapping[str, str]) -> list[str]:
+    """Shared libraries `ldd` cannot resolve for binary (a stub with any of these hangs the server)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
+    result = subprocess.run([ldd, str(binary)], env=dict(env), capture_output=True, text=True, check=False)
+    return [line.strip() for line in result.stdout.splitlines() if "not found" in line]
+
+
+class TritonServer:
+    """One tritonserver process: prepare, start, wait until ready, stop, clean up.
+
+    Ports given as 0 are replaced by free ports. Use as a context manager or call start()/stop().
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        template_values: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        ready_timeout: float = 300.0,
+        grace_period: float = 15.0,
+        threads: int | None = None,
+        stub: Path | None = None,
+        log_verbose: int = 0,
+    ) -> None:
+        self.repository = Path(repository)
+        self.template_values = dict(template_values or {})
+        self.host = host
+        bind_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.grpc_port = grpc_port or free_port(bind_host)
+        self.http_port = http_port or free_port(bind_host)
+        self.metrics_port = metrics_port or free_port(bind_host)
+        self.ready_timeout = ready_timeout
+        self.grace_period = grace_period
+        self.threads = threads
+        self.stub_override = stub
+        self.log_verbose = log_verbose
+        self.shm_prefix = f"safejudge_{uuid.uuid4().hex[:12]}_"
+        self.run_dir: Path | None = None
+        self.process: subprocess.Popen | None = None
+        self._connect_host = bind_host
+
+    @property
+    def url(self) -> str:
+        """gRPC address for clients (tritonclient.grpc, safejudge_client)."""
+        return f"{self._connect_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._connect_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._connect_host}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.run_dir / "tritonserver.log" if self.run_dir else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def shm_regions(self) -> list[Path]:
+        return sorted(SHM.glob(f"{self.shm_prefix}*"))
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        library_path = [sysconfig.get_config_var("LIBDIR"), str(install.libs), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
+        # The stub embeds Python and finds this venv's site-packages through `python3` on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # Busy-waiting OpenMP threads of several stubs starve each other on a few cores.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+    def _prepare(self, install: TritonInstall, env: Mapping[str, str]) -> list[str]:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="safejudge-triton-"))
+        backend = self.run_dir / "backends" / "python"
+        backend.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            (backend / name).symlink_to(install.python_backend / name)
+        stub = backend / STUB_NAME
+        shutil.copy2(self.stub_override or install.stub(), stub)
+        missing = _missing_libraries(stub, env)
+        if missing:
+            raise ServerError(f"the Python-backend stub {stub.name} cannot load: " + "; ".join(missing))
+        models = self.run_dir / "models"
+        render_repository(self.repository, models, self.template_values)
+        return [
+            str(install.binary),
+            f"--model-repository={models}",
+            f"--backend-directory={self.run_dir / 'backends'}",
+            f"--grpc-address={self.host}",
+            f"--http-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            "--backend-config=python,shm-default-byte-size=4194304",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--exit-timeout-secs=5",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    def start(self) -> TritonServer:
+        if self.process is not None:
+            raise ServerError("server already started")
+        install = TritonInstall()
+        env = self.environment(install)
+        try:
+            command = self._prepare(install, env)
+            with open(self.log_path, "wb") as log:
+                # Own session: a terminal's Ctrl-C reaches only the launcher, which shuts down in order.
+                self.process = subprocess.Popen(
+                    command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + self.ready_timeout
+        with grpcclient.InferenceServerClient(self.url) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise ServerError(
+                        f"tritonserver exited with code {self.process.returncode} while starting; "
+                        f"last log lines:\n{self.log_tail()}"
+                    )
+                try:
+                    # The gRPC port opens only after every model loaded: refused connections are expected.
+                    if client.is_server_ready(client_timeout=2.0):
+                        return
+                except InferenceServerException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"tritonserver was not ready after {self.ready_timeout:.0f} s (a model or its stub may "
+                        f"hang while loading); last log lines:\n{self.log_tail()}"
+                    )
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after the grace period, then remove the run directory and /dev/shm regions."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(self.grace_period)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                # Also reaches stubs orphaned by a server that died or hung.
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            process.wait()
+        for region in self.shm_regions():
+            region.unlink(missing_ok=True)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class ServeSettings(BaseModel):
+    """Everything `safejudge serve` needs; becomes the model parameters of the repository's stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: ModelSpec = Field(default_factory=ModelSpec)
+    constitutions: Path = Path("constitutions")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("SAFEJUDGE_CACHE", Path.home() / ".cache" / "safejudge"))
+        / "compiled",
+        description="compiled constitutions (priors, rule embeddings), reused across restarts",
+    )
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(8001, ge=0, le=65535, description="0: any free port")
+    http_port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    mllm_instances: int = Field(1, ge=1)
+    judge_instances: int = Field(1, ge=1, description="instances of preprocess, relevance and judge each")
+    max_mllm_batch: int = Field(8, ge=1)
+    ready_timeout: float = Field(300.0, gt=0)
+    repository: Path = MODEL_REPOSITORY
+
+    def threads_per_mllm(self) -> int:
+        if self.models.threads:
+            return self.models.threads
+        return max(1, len(os.sched_getaffinity(0)) // self.mllm_instances)
+
+    def template_values(self) -> dict[str, str]:
+        constitutions = self.constitutions.resolve()
+        if not constitutions.is_dir():
+            raise ServerError(f"constitution directory {self.constitutions} does not exist")
+        spec = self.models.model_copy(update={"threads": self.threads_per_mllm()})
+        return {
+            "model_spec": pbtxt_string(spec.model_dump_json()),
+            "constitutions": pbtxt_string(str(constitutions)),
+            "cache_dir": pbtxt_string(str(self.cache_dir.resolve())),
+            "mllm_instances": str(self.mllm_instances),
+            "judge_instances": str(self.judge_instances),
+            "max_mllm_batch": str(self.max_mllm_batch),
+        }
+
+    def server(self, **overrides: object) -> TritonServer:
+        options = dict(
+            template_values=self.template_values(),
+            host=self.host,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+            metrics_port=self.metrics_port,
+            ready_timeout=self.ready_timeout,
+            threads=self.threads_per_mllm(),
+        )
+        options.update(overrides)
+        return TritonServer(self.repository, **options)
+

@@ -1,0 +1,223 @@
+"""Compiled constitutions on disk, and the hot-reloading store that serves them by name.
+
+A compiled constitution is cached as one .npz file (no pickle): a JSON header (the constitution, the
+model ids, the priors) and the rule embeddings. Its key hashes everything the compiled values depend
+on, so a changed YAML or a different model simply misses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from safejudge.backends.base import Models
+from safejudge.compiled import CompiledConstitution, compile_constitution
+from safejudge.constitution import Constitution, ConstitutionError, load_constitution
+
+logger = logging.getLogger(__name__)
+
+# Bump when compile_constitution's output changes meaning (prompts, scoring, embedding normalisation),
+# so caches written by an older build are not served.
+COMPILED_FORMAT_VERSION = 1
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("SAFEJUDGE_CACHE", Path.home() / ".cache" / "safejudge")) / "compiled"
+
+
+def cache_key(constitution: Constitution, mllm_id: str, relevance_id: str | None) -> str:
+    parts = [constitution.content_hash(), mllm_id, relevance_id or "-", str(COMPILED_FORMAT_VERSION)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def cache_path(cache_dir: str | Path, constitution: Constitution, models: Models) -> Path:
+    relevance_id = models.relevance.model_id if models.relevance else None
+    return Path(cache_dir) / f"{constitution.name}-{cache_key(constitution, models.mllm.model_id, relevance_id)}.npz"
+
+
+class _CompiledHeader(BaseModel):
+    """The JSON part of a compiled-constitution file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    constitution: Constitution
+    mllm_id: str
+    relevance_id: str | None
+    priors: dict[str, float]
+
+
+class CompiledFileError(ValueError):
+    """A compiled-constitution file that cannot be read back; the message names the file."""
+
+
+def save_compiled(compiled: CompiledConstitution, path: str | Path) -> Path:
+    """Write atomically (temporary file + rename), so concurrent readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = _CompiledHeader(
+        format_version=COMPILED_FORMAT_VERSION,
+        constitution=compiled.constitution,
+        mllm_id=compiled.mllm_id,
+        relevance_id=compiled.relevance_id,
+        priors=compiled.priors,
+    )
+    arrays = {"header": np.array(header.model_dump_json())}
+    if compiled.rule_embeddings is not None:
+        arrays["rule_embeddings"] = np.asarray(compiled.rule_embeddings, dtype=np.float32)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_compiled(path: str | Path) -> CompiledConstitution:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = _CompiledHeader.model_validate_json(str(data["header"]))
+            embeddings = data["rule_embeddings"] if "rule_embeddings" in data.files else None
+    except (OSError, ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
+        raise CompiledFileError(f"{path}: not a readable compiled constitution: {exc}") from exc
+    if header.format_version != COMPILED_FORMAT_VERSION:
+        raise CompiledFileError(f"{path}: format version {header.format_version}, expected {COMPILED_FORMAT_VERSION}")
+    rules = len(header.constitution.enabled_rules)
+    if embeddings is not None and embeddings.shape[0] != rules:
+        raise CompiledFileError(f"{path}: {embeddings.shape[0]} rule embeddings for {rules} enabled rules")
+    return CompiledConstitution(
+        constitution=header.constitution,
+        mllm_id=header.mllm_id,
+        priors=header.priors,
+        relevance_id=header.relevance_id,
+        rule_embeddings=embeddings,
+    )
+
+
+def compile_cached(constitution: Constitution, models: Models, cache_dir: str | Path) -> tuple[CompiledConstitution, bool]:
+    """The compiled constitution from the cache, or compiled now and saved; True when it came from the cache."""
+    path = cache_path(cache_dir, constitution, models)
+    if path.exists():
+        try:
+            return load_compiled(path), True
+        except CompiledFileError as exc:
+            logger.warning("recompiling: %s", exc)
+    compiled = compile_constitution(constitution, models)
+    save_compiled(compiled, path)
+    return compiled, False
+
+
+class UnknownConstitution(KeyError):
+    """A constitution name the store does not serve; the message lists the ones it does."""
+
+    def __init__(self, name: str, known: list[str], invalid_files: list[str]):
+        message = f"unknown constitution {name!r}; known: {', '.join(known) or 'none'}"
+        if invalid_files:
+            message += f" (invalid files not served: {', '.join(invalid_files)})"
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class _Source:
+    """One YAML file: its stat signature and the last version of it that validated (None: never)."""
+
+    signature: tuple[int, int, int]
+    constitution: Constitution | None
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:  # deleted between listing and stat
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+class ConstitutionStore:
+    """Serves the compiled constitutions of every *.yaml / *.yml file in a directory, by name.
+
+    Every call stats the directory's files and re-reads only those whose mtime, size or inode changed,
+    so an added or edited file is served without a restart. An edit that does not validate is logged
+    and the last good version keeps being served. Compiled results come from / go to `cache_dir`.
+    Thread-safe.
+    """
+
+    def __init__(self, directory: str | Path, models: Models, cache_dir: str | Path = DEFAULT_CACHE_DIR):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"constitution directory not found: {self.directory}")
+        self.models = models
+        self.cache_dir = Path(cache_dir)
+        self._lock = threading.Lock()
+        self._sources: dict[Path, _Source] = {}
+        self._served: dict[str, Constitution] = {}
+        self._compiled: dict[str, CompiledConstitution] = {}
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._refresh())
+
+    def get(self, name: str) -> CompiledConstitution:
+        with self._lock:
+            served = self._refresh()
+            if name not in served:
+                invalid = sorted(p.name for p, s in self._sources.items() if s.constitution is None)
+                raise UnknownConstitution(name, sorted(served), invalid)
+            constitution = served[name]
+            compiled = self._compiled.get(name)
+            if compiled is None or compiled.constitution != constitution:
+                compiled, _ = compile_cached(constitution, self.models, self.cache_dir)
+                self._compiled[name] = compiled
+            return compiled
+
+    def _refresh(self) -> dict[str, Constitution]:
+        """Re-read changed files; the constitutions served now, by name (the first file wins a name clash)."""
+        paths = sorted(p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        changed = False
+        for path in set(self._sources) - set(paths):
+            logger.info("constitution file removed: %s", path)
+            del self._sources[path]
+            changed = True
+        for path in paths:
+            signature = _signature(path)
+            known = self._sources.get(path)
+            if signature is None or (known is not None and known.signature == signature):
+                continue
+            changed = True
+            try:
+                self._sources[path] = _Source(signature, load_constitution(path))
+            except ConstitutionError as exc:
+                last_good = known.constitution if known else None
+                state = "still serving its last good version" if last_good else "not served"
+                logger.error("invalid constitution file, %s:\n%s", state, exc)
+                self._sources[path] = _Source(signature, last_good)
+        if changed:
+            self._served = self._by_name()
+            self._compiled = {name: c for name, c in self._compiled.items() if name in self._served}
+        return self._served
+
+    def _by_name(self) -> dict[str, Constitution]:
+        served: dict[str, Constitution] = {}
+        for path, source in sorted(self._sources.items()):
+            if source.constitution is None:
+                continue
+            name = source.constitution.name
+            if name in served:
+                logger.error("%s: constitution name %r is already served from another file; ignored", path, name)
+                continue
+            served[name] = source.constitution
+        return served
