@@ -40,5 +40,348 @@ def constitution_check(files: list[Path] = typer.Argument(..., help="constitutio
         raise typer.Exit(2)
 
 
+@constitution_app.command("lint")
+def constitution_lint(files: list[Path] = typer.Argument(..., help="constitution YAML files")) -> None:
+    """Flag subjective or not-visible wording and overlong preconditions; exit 1 on findings, 2 on invalid files."""
+    from safejudge.authoring import lint
+
+    invalid = found = False
+    for path in files:
+        try:
+            findings = lint(load_constitution(path))
+        except ConstitutionError as exc:
+            typer.echo(str(exc), err=True)
+            invalid = True
+            continue
+        for finding in findings:
+            typer.echo(finding.format(str(path)))
+        found = found or bool(findings)
+        typer.echo(f"{path}: {len(findings)} finding(s)" if findings else f"{path}: ok (no findings)")
+    if invalid or found:
+        raise typer.Exit(2 if invalid else 1)
+
+
+LLM_OPTION = typer.Option(
+    None, "--llm", envvar="SAFEJUDGE_LLM", help="openai:<base_url>:<model> or gguf:<path> (env SAFEJUDGE_LLM)"
+)
+
+
+@constitution_app.command("objectify")
+def constitution_objectify(
+    rule: str = typer.Option(..., "--rule", help="the rule text to make objective"),
+    llm: str | None = LLM_OPTION,
+    target: float = typer.Option(9, min=1, max=10, help="stop once the objectiveness rating reaches this"),
+    max_rounds: int = typer.Option(4, min=0, help="most rewrites"),
+) -> None:
+    """Rate a rule's objectiveness 1-10, rewrite until it reaches the target; print YAML with the log.
+
+    Exit 1 when the target was not reached within max-rounds.
+    """
+    import yaml
+
+    from safejudge.authoring import objectify
+    from safejudge.llm import LLMError, llm_from_spec
+
+    try:
+        result = objectify(rule, llm_from_spec(llm), target=target, max_rounds=max_rounds)
+    except (LLMError, ValueError) as exc:  # ValueError: an empty rule or an unreadable LLM answer
+        fail(str(exc))
+    typer.echo(yaml.safe_dump(result.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100))
+    if not result.reached_target:
+        raise typer.Exit(1)
+
+
+@constitution_app.command("preconditions")
+def constitution_preconditions(
+    rule: str = typer.Option(..., "--rule", help="the objective rule text"),
+    rule_id: str = typer.Option("new-rule", "--id", help="the rule id in the printed YAML"),
+    category: str = typer.Option("general", "--category"),
+    title: str | None = typer.Option(None, "--title"),
+    llm: str | None = LLM_OPTION,
+) -> None:
+    """Extract a rule's precondition chain (AND of OR items, central objects); print it as constitution YAML."""
+    from pydantic import ValidationError
+
+    from safejudge.authoring import LLMAnswerError, draft_rule, rule_yaml
+    from safejudge.llm import LLMError, llm_from_spec
+
+    try:
+        drafted = draft_rule(rule, llm_from_spec(llm), rule_id=rule_id, category=category, title=title)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        fail(f"invalid rule: {error['loc'][0]}: {error['msg']}")
+    except (LLMError, LLMAnswerError) as exc:
+        fail(str(exc))
+    typer.echo(rule_yaml(drafted), nl=False)
+
+
+def _optional_spec(value: str | None) -> str | None:
+    return None if value is None or value.lower() == "none" else value
+
+
+@app.command("serve")
+def serve(
+    grpc_port: int = typer.Option(8001, help="gRPC port (0: any free port)"),
+    http_port: int = typer.Option(8000, help="HTTP port (0: any free port)"),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines"),
+    mllm: str = typer.Option(
+        "tiny:qwen2-vl", help="MLLM: hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)"
+    ),
+    relevance: str = typer.Option("tiny:clip", help="relevance encoder: onnx:<dir> | tiny:clip | none"),
+    detector: str = typer.Option("none", help="Strategy 2 detector: owlv2:<hub id or dir> | tiny:owlv2 | none"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    constitutions: Path = typer.Option(Path("constitutions"), help="directory of constitution YAML files"),
+    mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
+    judge_instances: int = typer.Option(1, help="instances of the preprocess, relevance and judge stages"),
+    ready_timeout: float = typer.Option(300.0, help="seconds to wait for every model to load"),
+) -> None:
+    """Serve the `safety_judge` model on Triton (gRPC) until Ctrl-C or SIGTERM."""
+    import signal
+
+    from pydantic import ValidationError
+
+    from safejudge.backends.registry import ModelSpec
+    from safejudge.server import ServerError, ServeSettings
+
+    try:
+        settings = ServeSettings(
+            models=ModelSpec(
+                mllm=mllm, relevance=_optional_spec(relevance), detector=_optional_spec(detector), dtype=dtype
+            ),
+            constitutions=constitutions,
+            host=host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            mllm_instances=mllm_instances,
+            judge_instances=judge_instances,
+            ready_timeout=ready_timeout,
+        )
+        server = settings.server()
+    except (ValidationError, ServerError) as exc:
+        fail(str(exc))
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        typer.echo(f"starting tritonserver (models load in the background; up to {ready_timeout:.0f} s) ...")
+        server.start()
+        typer.echo(f"ready: gRPC {server.url}  HTTP {server.http_url}  metrics {server.metrics_url}")
+        typer.echo("model: safety_judge (IMAGE, CONSTITUTION, OPTIONS -> VERDICT); Ctrl-C stops")
+        code = server.wait()
+        fail(f"tritonserver exited with code {code}; last log lines:\n{server.log_tail()}", code=1)
+    except ServerError as exc:
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        typer.echo("stopping ...")
+    finally:
+        server.stop()
+
+
+@build_app.command("constitution")
+def build_constitution(
+    files: list[Path] = typer.Argument(..., help="constitution YAML files"),
+    mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec, e.g. hf:Qwen/Qwen2-VL-2B-Instruct"),
+    relevance: str = typer.Option("tiny:clip", help="relevance encoder spec, or 'none'"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 (priors depend on it)"),
+    cache_dir: Path = typer.Option(None, help="compiled-constitution cache [default: $SAFEJUDGE_CACHE/compiled]"),
+) -> None:
+    """Compile constitutions (priors M(None,c), rule embeddings) into the cache the server reads."""
+    import time
+
+    from pydantic import ValidationError
+
+    from safejudge.backends.base import Models
+    from safejudge.backends.registry import ModelSpec, load_mllm, load_relevance
+    from safejudge.store import cache_path, compile_cached, default_cache_dir
+
+    constitutions = []
+    for path in files:
+        try:
+            constitutions.append((path, load_constitution(path)))
+        except ConstitutionError as exc:
+            fail(str(exc))
+    try:
+        spec = ModelSpec(mllm=mllm, relevance=None if relevance.lower() == "none" else relevance, dtype=dtype)
+    except ValidationError as exc:
+        fail("invalid model spec: " + "; ".join(f"--{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()))
+    try:
+        models = Models(mllm=load_mllm(spec), relevance=load_relevance(spec))  # no detector: not compiled
+    except (ValueError, OSError) as exc:
+        fail(f"cannot load models: {exc}")
+    cache_dir = cache_dir or default_cache_dir()
+    for path, constitution in constitutions:
+        started = time.perf_counter()
+        compiled, cached = compile_cached(constitution, models, cache_dir)
+        how = "already cached" if cached else f"compiled in {time.perf_counter() - started:.1f} s"
+        typer.echo(
+            f"{path}: {constitution.name} v{constitution.version}, {len(compiled.priors)} statements, {how} -> "
+            f"{cache_path(cache_dir, constitution, models)}"
+        )
+
+
+@app.command("judge")
+def judge(
+    images: list[Path] = typer.Argument(..., help="image files"),
+    constitution: str = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves"),
+    url: str = typer.Option("127.0.0.1:8001", help="the server's gRPC address (host:port)"),
+    options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
+    timeout: float = typer.Option(120.0, help="seconds per image"),
+    as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+) -> None:
+    """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from safejudge_client import JudgeClient, JudgeError, ServerUnavailable
+
+    try:
+        request_options = json.loads(options) if options is not None else None
+    except json.JSONDecodeError as exc:
+        fail(f"--options is not valid JSON: {exc}")
+    if request_options is not None and not isinstance(request_options, dict):
+        fail("--options must be a JSON object")
+    try:
+        client = JudgeClient(url, timeout_s=timeout)
+    except ValueError as exc:
+        fail(str(exc))
+    table = Table(expand=True)
+    table.add_column("image", overflow="fold", ratio=1)
+    for name in ("verdict", "MLLM calls", "ms"):
+        table.add_column(name, no_wrap=True)
+    # One line per violated rule, cut to the table's width: the full reasons and evidence are in --json.
+    table.add_column("violated rules: why", no_wrap=True, overflow="ellipsis", ratio=2)
+    unsafe = errors = 0
+    with client:
+        for image in images:
+            try:
+                verdict = client.judge(image, constitution, request_options)
+            except ServerUnavailable as exc:
+                fail(f"server at {url} unavailable: {' '.join(str(exc).split())}")
+            except (JudgeError, OSError, ValueError) as exc:
+                typer.echo(f"error: {image}: {' '.join(str(exc).split())}", err=True)
+                errors += 1
+                continue
+            unsafe += not verdict.safe
+            if as_json:
+                typer.echo(json.dumps({"image": str(image), "verdict": verdict.model_dump(mode="json")}))
+                continue
+            violated = "\n".join(f"{v.rule_id}: {v.reason}" for v in verdict.violations) or "-"
+            label = "[green]safe[/green]" if verdict.safe else "[bold red]UNSAFE[/bold red]"
+            table.add_row(str(image), label, str(verdict.mllm_calls), f"{verdict.timing.total_ms:.0f}", violated)
+    if not as_json and table.row_count:
+        Console().print(table)
+    raise typer.Exit(2 if errors else 1 if unsafe else 0)
+
+
+TOY_CONSTITUTION_OPTION = typer.Option(None, "--constitution", help="a toy-world constitution (default: constitutions/toy-world.yaml)")
+
+
+def _toy_setup(constitution_path: Path | None) -> tuple:
+    """The toy constitution and the demo models, or one readable error."""
+    from safejudge.backends.onnx_demo import load_demo_models
+    from safejudge.evaluation import TOY_CONSTITUTION
+
+    try:
+        return load_constitution(constitution_path or TOY_CONSTITUTION), load_demo_models()
+    except (ConstitutionError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+@app.command("demo")
+def demo(
+    scenes: int = typer.Option(8, min=1, max=500, help="how many generated scenes to judge"),
+    seed: int = typer.Option(0, help="scene generator seed"),
+    constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
+) -> None:
+    """Generate toy-world scenes and judge them in process with the toy demo models (batched CLUE)."""
+    from rich.console import Console
+
+    from safejudge.backends.onnx_demo import TOY_WARNING
+    from safejudge.evaluation import demo_table
+    from safejudge.toyworld import ToyVocabularyError
+
+    constitution, models = _toy_setup(constitution_path)
+    try:
+        table, correct, total = demo_table(constitution, models, scenes, seed)
+    except ToyVocabularyError as exc:
+        fail(str(exc))
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"{correct}/{total} verdicts name exactly the truly violated rules.")
+    console.print(f"Note: {TOY_WARNING}.")
+
+
+@app.command("eval")
+def evaluate_command(
+    constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
+    per_rule: int = typer.Option(50, min=1, help="violating and (as many) borderline-safe scenes per rule"),
+    benign: int = typer.Option(50, min=0, help="benign scenes (over-sensitivity split)"),
+    seed: int = typer.Option(1, help="bench generator seed (calibrate on another seed)"),
+    calibration: Path | None = typer.Option(None, help="a `safejudge calibrate` file: adds the calibrated method"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
+) -> None:
+    """Compare the paper's methods on a generated, labelled toy bench (Table-2-style report)."""
+    from rich.console import Console
+
+    from safejudge.backends.onnx_demo import TOY_WARNING
+    from safejudge.evaluation import Calibration, evaluate, make_bench, methods, report_tables
+    from safejudge.toyworld import ToyVocabularyError
+
+    constitution, models = _toy_setup(constitution_path)
+    fitted = None
+    if calibration is not None:
+        try:
+            fitted = Calibration.load(calibration)
+            fitted.check(constitution, models.mllm.model_id)
+        except (OSError, ValueError) as exc:
+            fail(f"{calibration}: {exc}")
+    try:
+        bench = make_bench(constitution, per_rule=per_rule, benign=benign, seed=seed)
+        report = evaluate(constitution, models, bench, methods(fitted), seed, per_rule, benign)
+    except ToyVocabularyError as exc:
+        fail(str(exc))
+    console = Console(width=200)
+    for table in report_tables(report):
+        console.print(table)
+    console.print(f"Note: {TOY_WARNING}.")
+    if json_out is not None:
+        json_out.write_text(report.model_dump_json(indent=1))
+
+
+@app.command("calibrate")
+def calibrate_command(
+    out: Path = typer.Option(..., help="where to write the calibration JSON"),
+    constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
+    per_rule: int = typer.Option(30, min=1, help="dev split size per rule (violating and borderline each)"),
+    benign: int = typer.Option(30, min=0),
+    seed: int = typer.Option(2, help="dev split seed; evaluate on a different one"),
+    plot: Path | None = typer.Option(None, help="precision-recall PNG of the threshold grid (needs matplotlib)"),
+) -> None:
+    """Fit CLUE thresholds for (toy demo model, constitution) on a labelled dev split."""
+    from safejudge.evaluation import calibrate, make_bench, plot_precision_recall
+    from safejudge.toyworld import ToyVocabularyError
+
+    constitution, models = _toy_setup(constitution_path)
+    try:
+        fitted, points = calibrate(constitution, models, make_bench(constitution, per_rule, benign, seed), seed)
+    except ToyVocabularyError as exc:
+        fail(str(exc))
+    out.write_text(fitted.model_dump_json(indent=1))
+    typer.echo(f"{out}: thresholds {fitted.thresholds}: dev F1 {fitted.dev_f1:.3f} (defaults {fitted.default_f1:.3f}), "
+               f"{fitted.dev_reasoning_calls_per_image:.2f} reasoning calls per image")
+    if plot is not None:
+        try:
+            plot_precision_recall(points, fitted, plot)
+        except RuntimeError as exc:
+            fail(str(exc))
+        typer.echo(f"{plot}: precision-recall of {len(points)} threshold settings")
+
+
 if __name__ == "__main__":
     app()

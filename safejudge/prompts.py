@@ -1,5 +1,7 @@
 """The words sent to the MLLM. One place, so every backend asks the same questions."""
 
+from collections.abc import Sequence
+
 SYSTEM = "You are a careful visual inspector. Judge only what is visible in the image."
 
 YES_NO = "Is the following true of what is visible in the image: {statement}? Answer Yes or No."
@@ -21,3 +23,21 @@ def yes_no_question(statement: str) -> str:
 
 def reasoning_turns(statement: str) -> tuple[str, str]:
     return REASON_STEP.format(statement=statement.rstrip(". ")), REASON_SUMMARY
+
+
+def chat_messages(turns: Sequence[str], image: bool, answers: Sequence[str] = ()) -> list[dict]:
+    """The conversation in the Hugging Face chat-template format: the system turn, then the user turns
+    (the image, if any, opening the first) with the model's earlier answers in between.
+
+    Every question about one image renders to the same system + image + opening words, which is the
+    prefix that KV-cache reuse and shared-prefix scoring depend on.
+    """
+    messages: list[dict] = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}]
+    for index, turn in enumerate(turns):
+        content: list[dict] = [{"type": "text", "text": turn}]
+        if image and index == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        if index < len(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
+    return messages

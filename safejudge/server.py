@@ -247,6 +247,12 @@ class TritonServer:
                     )
                 time.sleep(0.25)
 
+    def wait(self) -> int:
+        """Block until the server process exits; its exit code."""
+        if self.process is None:
+            raise ServerError("server not started")
+        return self.process.wait()
+
     def stop(self) -> None:
         """SIGTERM, SIGKILL after the grace period, then remove the run directory and /dev/shm regions."""
         process, self.process = self.process, None

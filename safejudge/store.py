@@ -16,23 +16,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from safejudge import prompts
 from safejudge.backends.base import Models
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, ConstitutionError, load_constitution
 
 logger = logging.getLogger(__name__)
 
-# Bump when compile_constitution's output changes meaning (prompts, scoring, embedding normalisation),
-# so caches written by an older build are not served.
+# Bump when compile_constitution's output changes meaning (scoring, embedding normalisation), so caches
+# written by an older build are not served. The prompt wording is part of the key by itself.
 COMPILED_FORMAT_VERSION = 1
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("SAFEJUDGE_CACHE", Path.home() / ".cache" / "safejudge")) / "compiled"
+
+def default_cache_dir() -> Path:
+    """$SAFEJUDGE_CACHE/compiled, default ~/.cache/safejudge/compiled (beside the tiny models' cache)."""
+    return Path(os.environ.get("SAFEJUDGE_CACHE", "~/.cache/safejudge")).expanduser() / "compiled"
 
 
 def cache_key(constitution: Constitution, mllm_id: str, relevance_id: str | None) -> str:
-    parts = [constitution.content_hash(), mllm_id, relevance_id or "-", str(COMPILED_FORMAT_VERSION)]
+    model_ids = [mllm_id, relevance_id or "-"]
+    words = [prompts.SYSTEM, prompts.YES_NO]  # the priors are answers to exactly these words
+    parts = [constitution.content_hash(), *model_ids, str(COMPILED_FORMAT_VERSION), *words]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
@@ -104,7 +110,9 @@ def load_compiled(path: str | Path) -> CompiledConstitution:
     )
 
 
-def compile_cached(constitution: Constitution, models: Models, cache_dir: str | Path) -> tuple[CompiledConstitution, bool]:
+def compile_cached(
+    constitution: Constitution, models: Models, cache_dir: str | Path
+) -> tuple[CompiledConstitution, bool]:
     """The compiled constitution from the cache, or compiled now and saved; True when it came from the cache."""
     path = cache_path(cache_dir, constitution, models)
     if path.exists():
@@ -156,16 +164,16 @@ class ConstitutionStore:
     Thread-safe.
     """
 
-    def __init__(self, directory: str | Path, models: Models, cache_dir: str | Path = DEFAULT_CACHE_DIR):
+    def __init__(self, directory: str | Path, models: Models, cache_dir: str | Path | None = None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"constitution directory not found: {self.directory}")
         self.models = models
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._lock = threading.Lock()
         self._sources: dict[Path, _Source] = {}
         self._served: dict[str, Constitution] = {}
-        self._compiled: dict[str, CompiledConstitution] = {}
+        self._compiled: dict[str, tuple[Constitution, CompiledConstitution]] = {}  # by name, with its source
 
     def names(self) -> list[str]:
         with self._lock:
@@ -178,10 +186,10 @@ class ConstitutionStore:
                 invalid = sorted(p.name for p, s in self._sources.items() if s.constitution is None)
                 raise UnknownConstitution(name, sorted(served), invalid)
             constitution = served[name]
-            compiled = self._compiled.get(name)
-            if compiled is None or compiled.constitution != constitution:
+            source, compiled = self._compiled.get(name, (None, None))
+            if source is not constitution:  # first use, or the file changed since it was compiled
                 compiled, _ = compile_cached(constitution, self.models, self.cache_dir)
-                self._compiled[name] = compiled
+                self._compiled[name] = (constitution, compiled)
             return compiled
 
     def _refresh(self) -> dict[str, Constitution]:

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import tritonclient.grpc.aio as aiogrpcclient
 from tritonclient.utils import InferenceServerException
+from typing_extensions import Self
 
 from safejudge_client.client import (
     DEFAULT_MODEL,
@@ -16,7 +17,7 @@ from safejudge_client.client import (
     Options,
     RetryPolicy,
     build_inputs,
-    check_url,
+    check_endpoint,
     parse_verdict,
     probe_failed,
 )
@@ -43,7 +44,8 @@ class AsyncJudgeClient:
         certificate_chain: str | None = None,
         model_name: str = DEFAULT_MODEL,
     ):
-        self.url = check_url(url)
+        check_endpoint(url, timeout_s)
+        self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s)
@@ -90,7 +92,7 @@ class AsyncJudgeClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def __aenter__(self) -> AsyncJudgeClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -102,7 +104,7 @@ class AsyncJudgeClient:
             try:
                 return await call()
             except InferenceServerException as exc:
-                error = from_triton(exc)
+                error = from_triton(exc, self.timeout_s)
                 if not self.retry.should_retry(error, attempt):
                     raise error from exc
             await asyncio.sleep(self.retry.delay(attempt))

@@ -15,19 +15,20 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from tritonclient.utils import InferenceServerException
+from typing_extensions import Self
 
 from safejudge_client.errors import DeadlineExceeded, JudgeError, ProtocolError, ServerUnavailable, from_triton
 from safejudge_client.verdict import Verdict
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
-Options = Union[Mapping[str, Any], BaseModel, None]
+ImageInput = str | os.PathLike | bytes | Image.Image
+Options = Mapping[str, Any] | BaseModel | None
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL = "safety_judge"
@@ -93,10 +94,11 @@ def parse_verdict(result: grpcclient.InferResult) -> Verdict:
         raise ProtocolError(f"VERDICT is not a valid Verdict: {exc}") from exc
 
 
-def check_url(url: str) -> str:
+def check_endpoint(url: str, timeout_s: float | None) -> None:
     if "://" in url:
         raise ValueError(f"url must be host:port (gRPC, no scheme), got {url!r}")
-    return url
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class JudgeClient:
         certificate_chain: str | None = None,
         model_name: str = DEFAULT_MODEL,
     ):
-        self.url = check_url(url)
+        check_endpoint(url, timeout_s)
+        self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s)
@@ -160,9 +163,7 @@ class JudgeClient:
     def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         """The verdict for one image (path, bytes of an image file, or PIL image) under a named constitution."""
         inputs = build_inputs(image, constitution, options)
-        result = self._with_retries(
-            lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
-        )
+        result = self._with_retries(lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s))
         return parse_verdict(result)
 
     def judge_many(
@@ -181,14 +182,16 @@ class JudgeClient:
     def is_ready(self) -> bool:
         """The server is ready and so is the `safety_judge` model; False when it cannot be reached."""
         return self._probe(
-            lambda: self._client.is_server_ready(client_timeout=self.timeout_s)
-            and self._client.is_model_ready(self.model_name, client_timeout=self.timeout_s)
+            lambda: (
+                self._client.is_server_ready(client_timeout=self.timeout_s)
+                and self._client.is_model_ready(self.model_name, client_timeout=self.timeout_s)
+            )
         )
 
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> JudgeClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -200,7 +203,7 @@ class JudgeClient:
             try:
                 return call()
             except InferenceServerException as exc:
-                error = from_triton(exc)
+                error = from_triton(exc, self.timeout_s)
                 if not self.retry.should_retry(error, attempt):
                     raise error from exc
             time.sleep(self.retry.delay(attempt))

@@ -39,13 +39,16 @@ _BY_STATUS: dict[str, type[JudgeError]] = {
 
 
 def status_name(exc: InferenceServerException) -> str | None:
-    """"StatusCode.UNAVAILABLE" (how tritonclient reports gRPC codes) -> "UNAVAILABLE"."""
+    """The gRPC status name: tritonclient reports "StatusCode.UNAVAILABLE", this returns "UNAVAILABLE"."""
     status = exc.status()
     return status.removeprefix("StatusCode.") if status else None
 
 
-def from_triton(exc: InferenceServerException) -> JudgeError:
+def from_triton(exc: InferenceServerException, timeout_s: float | None = None) -> JudgeError:
     """The typed error for a tritonclient exception, keeping the server's message."""
     status = status_name(exc)
     error_type = _BY_STATUS.get(status or "", JudgeError)
-    return error_type(exc.message() or str(exc), status)
+    message = exc.message() or str(exc)
+    if error_type is DeadlineExceeded and timeout_s is not None:
+        message = f"no answer within the client timeout of {timeout_s:g} s ({message})"
+    return error_type(message, status)

@@ -63,7 +63,8 @@ IDEFICS3_CHAT_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
-CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+# "<unk>" takes id 0 because OWLv2 treats a query whose first token is 0 as padding.
+CLIP_SPECIAL_TOKENS = ["<unk>", "<|startoftext|>", "<|endoftext|>"]
 
 
 def cache_dir() -> Path:
@@ -80,7 +81,7 @@ def _training_text() -> list[str]:
     )
     texts = [SYSTEM, YES_NO, REASON_STEP, REASON_SUMMARY, words, '{"rating": "Yes", "rationale": "It is."}']
     # Repeated so that BPE merges every answer spelling into one token.
-    texts += [" ".join(_ANSWER_WORDS)] * 200
+    texts += _ANSWER_WORDS * 200
     return texts
 
 
@@ -174,9 +175,12 @@ def _build_qwen2_vl(out: Path, seed: int) -> None:
 
 
 def _build_idefics3(out: Path, seed: int) -> None:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
-
-    from safejudge.backends.hf import Idefics3ImageOnlyProcessor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
 
     tokenizer = _fast_tokenizer(
         IDEFICS3_SPECIAL_TOKENS, IDEFICS3_CHAT_TEMPLATE, eos_token="<end_of_utterance>", pad_token="<|endoftext|>"
@@ -218,7 +222,7 @@ def _build_idefics3(out: Path, seed: int) -> None:
         size={"longest_edge": image_size},
         max_image_size={"longest_edge": image_size},
     )
-    processor = Idefics3ImageOnlyProcessor(
+    processor = Idefics3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
@@ -228,28 +232,31 @@ def _build_idefics3(out: Path, seed: int) -> None:
     processor.save_pretrained(out)
 
 
-def _clip_tokenizer():
+def _clip_tokenizer(max_length: int):
+    """CLIP's text convention: every text is wrapped as <bos> text <eos>, and the model pools at <eos>."""
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
+    backend = train_bpe_tokenizer(CLIP_SPECIAL_TOKENS)
+    bos, eos = backend.token_to_id("<|startoftext|>"), backend.token_to_id("<|endoftext|>")
+    backend.post_processor = TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe_tokenizer(CLIP_SPECIAL_TOKENS),
+        tokenizer_object=backend,
+        unk_token="<unk>",
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        model_max_length=32,
+        model_max_length=max_length,
     )
 
 
 def _build_clip(out: Path, seed: int) -> None:
-    from tokenizers.processors import TemplateProcessing
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    tokenizer = _clip_tokenizer()
+    tokenizer = _clip_tokenizer(max_length=32)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    # CLIP wraps every text as <bos> text <eos> and pools at the eos token.
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
-    )
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -279,7 +286,7 @@ def _build_clip(out: Path, seed: int) -> None:
 def _build_owlv2(out: Path, seed: int) -> None:
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
 
-    tokenizer = _clip_tokenizer()
+    tokenizer = _clip_tokenizer(max_length=16)
     config = Owlv2Config(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -295,7 +302,10 @@ def _build_owlv2(out: Path, seed: int) -> None:
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
         ),
-        projection_dim=16,
+        projection_dim=32,  # OWLv2's class head compares text embeddings at the text width
+        # At full scale random box heads saturate (every box a corner or the whole image); at 0.1 boxes stay
+        # near OWLv2's patch-grid priors and scores spread around 0.5.
+        initializer_factor=0.1,
     )
     _seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
@@ -312,10 +322,14 @@ TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
 }
 
 
-def build_tiny_model(name: str, out: Path, seed: int = SEED) -> Path:
-    """Build one tiny model into `out` (which must not exist yet); the same seed gives the same files."""
+def _check_name(name: str) -> None:
     if name not in TINY_BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_BUILDERS)}")
+
+
+def build_tiny_model(name: str, out: Path, seed: int = SEED) -> Path:
+    """Build one tiny model into `out` (which must not exist yet); the same seed gives the same files."""
+    _check_name(name)
     import torch
 
     threads = torch.get_num_threads()
@@ -351,8 +365,14 @@ def publish_atomically(target: Path, build: Callable[[Path], object]) -> Path:
 
 def ensure_tiny_model(name: str) -> Path:
     """The directory of tiny model `name` ("qwen2-vl", "idefics3", "clip", "owlv2"), built on first use."""
-    if name not in TINY_BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_BUILDERS)}")
+    _check_name(name)
+    return publish_atomically(cache_dir() / f"{name}-v{TINY_VERSION}", lambda out: build_tiny_model(name, out))
+
+
+def ensure_tiny_clip_onnx() -> Path:
+    """The tiny CLIP exported to ONNX (what "tiny:clip" serves with OnnxClipEncoder), exported on first use."""
+    from safejudge.backends.clip_onnx import export_clip
+
     return publish_atomically(
-        cache_dir() / f"{name}-v{TINY_VERSION}", lambda out: build_tiny_model(name, out)
+        cache_dir() / f"clip-onnx-v{TINY_VERSION}", lambda out: export_clip(ensure_tiny_model("clip"), out)
     )

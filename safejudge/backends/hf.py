@@ -1,0 +1,225 @@
+"""Hugging Face vision-language models (Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM) as the CLUE MLLM.
+
+One-token scoring shares work across questions: the prompt prefix common to every question (system
+turn, the image, the start of the user turn) is prefilled once, and all question suffixes then run as
+one batch on copies of that KV cache. The result equals a full forward of each prompt
+(tests/test_hf_backend.py checks to 1e-5 in fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Idefics3Processor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+)
+
+from safejudge.decision import yes_no_token_ids, yes_probability
+from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _without_video(processor_class: type) -> type:
+    """The Qwen processor minus its video processor, which needs torchvision (not installable here):
+    `Qwen2VLProcessor(video_processor=None)` fails with `VIDEO_PROCESSOR_MAPPING has no attribute
+    '_extra_content'`. Sub-processors are read from the __init__ signature, so this one loads only
+    the image processor and the tokenizer."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
+
+    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
+    return type(name, (processor_class,), {"__init__": __init__, "__module__": __name__})
+
+
+Qwen2VLImageOnlyProcessor = _without_video(Qwen2VLProcessor)
+Qwen2_5_VLImageOnlyProcessor = _without_video(Qwen2_5_VLProcessor)
+
+# config.model_type -> the processor class that loads without torchvision
+PROCESSORS: dict[str, type] = {
+    "qwen2_vl": Qwen2VLImageOnlyProcessor,
+    "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+    "idefics3": Idefics3Processor,
+}
+
+# Processor outputs that carry one value per token (sliced with the prompt), as opposed to image tensors.
+_TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    shortest = min(len(s) for s in sequences)
+    for position in range(shortest):
+        token = sequences[0][position]
+        if any(s[position] != token for s in sequences):
+            return position
+    return shortest
+
+
+class HFVisionLanguageModel:
+    """The MLLM protocol (safejudge/backends/base.py) for a transformers image-text-to-text model."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        model_id: str,
+        max_new_tokens: int = 128,
+        max_batch: int = 32,
+    ):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        self.model_id = model_id
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        self.yes_ids, self.no_ids = yes_no_token_ids(self.tokenizer.get_vocab())
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        # Qwen2-VL places image tokens on a 2-D M-RoPE grid; text after the image continues from the grid's
+        # largest position, not from the token count, so reused caches need these positions explicitly.
+        self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        threads: int | None = None,
+        max_new_tokens: int = 128,
+        model_id: str | None = None,
+    ) -> HFVisionLanguageModel:
+        """Load by hub id or local directory. threads sets torch's (process-wide) intra-op thread count."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        source = str(source)
+        config = AutoConfig.from_pretrained(source)
+        processor_class = PROCESSORS.get(config.model_type, AutoProcessor)
+        processor = processor_class.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]).eval()
+        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens)
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def _render(self, image: bool, turns: Sequence[str], answers: Sequence[str] = ()) -> str:
+        """The chat-template text of the conversation, ending where the model answers."""
+        return self.processor.apply_chat_template(
+            chat_messages(turns, image, answers), tokenize=False, add_generation_prompt=True
+        )
+
+    def yes_no_prompt(self, image: bool, statement: str) -> str:
+        """The full one-token scoring prompt for one statement (public so tests can run it plainly)."""
+        return self._render(image, [yes_no_question(statement)])
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def _encode(self, texts: Sequence[str], image: Image.Image | None):
+        if image is None:
+            return self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        return self.processor(text=list(texts), images=[image] * len(texts), return_tensors="pt", padding=True)
+
+    def _shared_prefix(self, prompts: Sequence[str], image: Image.Image | None) -> tuple[dict, list[list[int]]]:
+        """Model inputs for the prompt prefix all prompts share, and each prompt's remaining token ids.
+
+        Prompts are compared as plain token ids (image placeholder not yet expanded); the processor then
+        encodes the first prompt with the image once, and the prefix is cut after the expanded image.
+        The placeholder is a special token, so text around it tokenizes the same either way (checked).
+        """
+        plain = [self.tokenizer(p).input_ids for p in prompts]
+        # At least one token per prompt stays out of the prefix: its logits are the answer.
+        shared = min(_common_prefix_length(plain), min(len(p) for p in plain) - 1)
+        first = self._encode(prompts[:1], image)
+        expansion = first["input_ids"].shape[1] - len(plain[0])
+        cut = shared + expansion
+        if first["input_ids"][0, cut:].tolist() != plain[0][shared:]:
+            raise RuntimeError("the processor changed text tokens around the image; shared-prefix scoring is unsafe")
+        prefix = {key: (value[:, :cut] if key in _TOKEN_ALIGNED else value) for key, value in first.items()}
+        return prefix, [p[shared:] for p in plain]
+
+    def _prefill(self, prefix: dict) -> tuple[object, int]:
+        """Run the prefix once; returns its cache and the position of the token after it."""
+        length = prefix["input_ids"].shape[1]
+        position_ids, next_position = None, length
+        if self._rope_index is not None and "image_grid_thw" in prefix:
+            position_ids, deltas = self._rope_index(
+                prefix["input_ids"],
+                mm_token_type_ids=prefix["mm_token_type_ids"],
+                image_grid_thw=prefix["image_grid_thw"],
+                attention_mask=prefix["attention_mask"],
+            )
+            next_position = length + int(deltas[0, 0])
+        output = self.model(**prefix, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        return output.cache, next_position
+
+    def _suffix_logits(self, cache, prefix_length: int, next_position: int, suffixes: list[list[int]]) -> torch.Tensor:
+        """Last-token logits of each suffix run on its own copy of the prefix cache (right padding)."""
+        count, longest = len(suffixes), max(len(s) for s in suffixes)
+        input_ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((count, longest), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            input_ids[row, : len(suffix)] = torch.tensor(suffix)
+            suffix_mask[row, : len(suffix)] = 1
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(count)
+        attention_mask = torch.cat([torch.ones((count, prefix_length), dtype=torch.long), suffix_mask], dim=1)
+        position_ids = (next_position + torch.arange(longest)).expand(count, longest)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=batch_cache,
+            use_cache=True,
+        ).logits
+        last = suffix_mask.sum(dim=1) - 1
+        return logits[torch.arange(count), last]
+
+    def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
+        """M = P(Yes)/(P(Yes)+P(No)) per precondition statement; the image (or none) is prefilled once."""
+        if not questions:
+            return np.zeros(0, dtype=np.float64)
+        prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
+        with torch.inference_mode():
+            prefix, suffixes = self._shared_prefix(prompts, image)
+            cache, next_position = self._prefill(prefix)
+            prefix_length = prefix["input_ids"].shape[1]
+            logits = torch.cat(
+                [
+                    self._suffix_logits(cache, prefix_length, next_position, suffixes[start : start + self.max_batch])
+                    for start in range(0, len(suffixes), self.max_batch)
+                ]
+            )
+        return yes_probability(logits.float().numpy(), self.yes_ids, self.no_ids)
+
+    # -- reasoning -------------------------------------------------------------------------------------
+
+    def _generate(self, image: Image.Image, prompts: list[str]) -> list[str]:
+        inputs = self._encode(prompts, image)
+        output = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def reason(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
+        """Two greedy turns per statement, batched: think step by step, then summarise as JSON."""
+        if not questions:
+            return []
+        turns = [reasoning_turns(statement) for statement in questions]
+        with torch.inference_mode():
+            thoughts = self._generate(image, [self._render(True, turn[:1]) for turn in turns])
+            return self._generate(
+                image, [self._render(True, turn, [thought]) for turn, thought in zip(turns, thoughts, strict=True)]
+            )

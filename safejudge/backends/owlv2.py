@@ -1,0 +1,62 @@
+"""OWLv2 open-vocabulary detection for CLUE's Strategy 2: the central object's box per word."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import Owlv2ForObjectDetection, Owlv2Processor
+from transformers.image_transforms import center_to_corners_format
+
+from safejudge.backends.base import Detection
+
+
+class Owlv2Detector:
+    """Detector protocol on transformers' Owlv2ForObjectDetection (all words in one forward)."""
+
+    def __init__(self, model: Owlv2ForObjectDetection, processor: Owlv2Processor, model_id: str):
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, threads: int | None = None, model_id: str | None = None) -> Owlv2Detector:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        source = str(source)
+        model = Owlv2ForObjectDetection.from_pretrained(source).eval()
+        return cls(model, Owlv2Processor.from_pretrained(source), model_id=model_id or f"owlv2:{source}")
+
+    def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
+        """The most confident box for each word in pixel coordinates of `image`; confidence = sigmoid(logit).
+
+        None for a word whose best box lies entirely outside the image (possible: OWLv2 sees the image
+        padded to a square at the bottom and right).
+        """
+        if not words:
+            return []
+        image = image.convert("RGB")
+        inputs = self.processor(text=[list(words)], images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        scores = torch.sigmoid(outputs.logits[0].float())  # [boxes, words]
+        # Boxes are (cx, cy, w, h) relative to the padded square whose side is the image's longer side.
+        side = max(image.width, image.height)
+        corners = center_to_corners_format(outputs.pred_boxes[0].float()) * side
+        best = scores.argmax(dim=0)
+        detections: list[Detection | None] = []
+        for word_index, box_index in enumerate(best.tolist()):
+            left, top, right, bottom = corners[box_index].tolist()
+            box = (
+                max(0, round(left)),
+                max(0, round(top)),
+                min(image.width, round(right)),
+                min(image.height, round(bottom)),
+            )
+            if box[2] <= box[0] or box[3] <= box[1]:
+                detections.append(None)
+                continue
+            detections.append(Detection(box=box, confidence=float(scores[box_index, word_index])))
+        return detections

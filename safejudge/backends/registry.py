@@ -1,0 +1,166 @@
+"""The one way anything gets models: a ModelSpec names each role as "<scheme>:<argument>".
+
+    mllm       hf:<hub id or local dir> | tiny:qwen2-vl | tiny:idefics3
+               | trtllm:<hub id or local dir>[?option=value&...] (GPU; docs/gpu.md)
+    relevance  onnx:<dir made by engine_build/export_clip.py> | tiny:clip | None
+    detector   owlv2:<hub id or local dir> | tiny:owlv2 | None
+
+A scheme is one entry in a loader table below; backends are imported only when their scheme is used,
+so an ONNX-only stage never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from safejudge.backends.base import MLLM, Detector, Models, RelevanceEncoder
+
+
+class ModelSpecError(ValueError):
+    """A spec that names no loadable model: unknown scheme, unknown tiny model, missing directory."""
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mllm: str = "tiny:qwen2-vl"
+    relevance: str | None = "tiny:clip"
+    detector: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="intra-op threads per model; None: the library default")
+
+    @field_validator("mllm")
+    @classmethod
+    def _known_mllm(cls, value: str) -> str:
+        _split("mllm", value, MLLM_LOADERS)
+        return value
+
+    @field_validator("relevance")
+    @classmethod
+    def _known_relevance(cls, value: str | None) -> str | None:
+        if value is not None:
+            _split("relevance", value, RELEVANCE_LOADERS)
+        return value
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, value: str | None) -> str | None:
+        if value is not None:
+            _split("detector", value, DETECTOR_LOADERS)
+        return value
+
+
+def _split(role: str, value: str, loaders: dict) -> tuple[str, str]:
+    scheme, separator, argument = value.partition(":")
+    if not separator or not argument:
+        raise ModelSpecError(f"{role} {value!r} must be '<scheme>:<argument>' with scheme one of {', '.join(loaders)}")
+    if scheme not in loaders:
+        raise ModelSpecError(f"unknown {role} scheme {scheme!r} in {value!r}; use one of {', '.join(loaders)}")
+    return scheme, argument
+
+
+def _local_or_hub(role: str, argument: str) -> str:
+    """A path that looks local must exist; anything else is passed on as a hub id."""
+    path = Path(argument).expanduser()
+    looks_local = path.is_absolute() or argument.startswith((".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelSpecError(f"{role} directory {argument!r} does not exist")
+    return str(path) if looks_local else argument
+
+
+def _tiny(role: str, argument: str, allowed: tuple[str, ...]) -> Path:
+    from safejudge.backends.tiny import ensure_tiny_model
+
+    if argument not in allowed:
+        raise ModelSpecError(f"no tiny {role} {argument!r}; choose one of {', '.join(allowed)}")
+    return ensure_tiny_model(argument)
+
+
+def _hf_mllm(argument: str, spec: ModelSpec) -> MLLM:
+    from safejudge.backends.hf import HFVisionLanguageModel
+
+    source = _local_or_hub("mllm", argument)
+    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=spec.mllm)
+
+
+def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
+    from safejudge.backends.hf import HFVisionLanguageModel
+
+    source = _tiny("mllm", argument, ("qwen2-vl", "idefics3"))
+    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=spec.mllm)
+
+
+def _trtllm_mllm(argument: str, spec: ModelSpec) -> MLLM:
+    from safejudge.backends.trtllm import TRTLLMVisionLanguageModel
+
+    return TRTLLMVisionLanguageModel.from_target(argument, model_id=spec.mllm)
+
+
+def _onnx_relevance(argument: str, spec: ModelSpec) -> RelevanceEncoder:
+    from safejudge.backends.clip_onnx import OnnxClipEncoder
+
+    directory = Path(argument).expanduser()
+    if not directory.is_dir():
+        raise ModelSpecError(f"relevance directory {argument!r} does not exist; make it with engine_build/export_clip.py")
+    return OnnxClipEncoder(directory, threads=spec.threads, model_id=spec.relevance)
+
+
+def _tiny_relevance(argument: str, spec: ModelSpec) -> RelevanceEncoder:
+    from safejudge.backends.clip_onnx import OnnxClipEncoder
+    from safejudge.backends.tiny import ensure_tiny_clip_onnx
+
+    if argument != "clip":
+        raise ModelSpecError(f"no tiny relevance encoder {argument!r}; choose clip")
+    return OnnxClipEncoder(ensure_tiny_clip_onnx(), threads=spec.threads, model_id=spec.relevance)
+
+
+def _owlv2_detector(argument: str, spec: ModelSpec) -> Detector:
+    from safejudge.backends.owlv2 import Owlv2Detector
+
+    return Owlv2Detector.from_pretrained(_local_or_hub("detector", argument), threads=spec.threads, model_id=spec.detector)
+
+
+def _tiny_detector(argument: str, spec: ModelSpec) -> Detector:
+    from safejudge.backends.owlv2 import Owlv2Detector
+
+    return Owlv2Detector.from_pretrained(_tiny("detector", argument, ("owlv2",)), threads=spec.threads, model_id=spec.detector)
+
+
+MLLM_LOADERS: dict[str, Callable[[str, ModelSpec], MLLM]] = {"hf": _hf_mllm, "tiny": _tiny_mllm, "trtllm": _trtllm_mllm}
+RELEVANCE_LOADERS: dict[str, Callable[[str, ModelSpec], RelevanceEncoder]] = {
+    "onnx": _onnx_relevance,
+    "tiny": _tiny_relevance,
+}
+DETECTOR_LOADERS: dict[str, Callable[[str, ModelSpec], Detector]] = {"owlv2": _owlv2_detector, "tiny": _tiny_detector}
+# demo:toy — the project's toy-world models (toy scenes only, never real photos; backends/onnx_demo.py).
+for _role, _loaders in (("mllm", MLLM_LOADERS), ("relevance", RELEVANCE_LOADERS), ("detector", DETECTOR_LOADERS)):
+    _loaders["demo"] = lambda argument, spec, role=_role: __import__("safejudge.backends.onnx_demo", fromlist=["demo_loader"]).demo_loader(role, argument, spec.threads)
+
+
+def load_mllm(spec: ModelSpec) -> MLLM:
+    scheme, argument = _split("mllm", spec.mllm, MLLM_LOADERS)
+    return MLLM_LOADERS[scheme](argument, spec)
+
+
+def load_relevance(spec: ModelSpec) -> RelevanceEncoder | None:
+    if spec.relevance is None:
+        return None
+    scheme, argument = _split("relevance", spec.relevance, RELEVANCE_LOADERS)
+    return RELEVANCE_LOADERS[scheme](argument, spec)
+
+
+def load_detector(spec: ModelSpec) -> Detector | None:
+    if spec.detector is None:
+        return None
+    scheme, argument = _split("detector", spec.detector, DETECTOR_LOADERS)
+    return DETECTOR_LOADERS[scheme](argument, spec)
+
+
+def load_models(spec: ModelSpec) -> Models:
+    """Every model the spec names. Stages that need one role call load_mllm / load_relevance /
+    load_detector instead, so they do not load (and hold memory for) the others."""
+    return Models(mllm=load_mllm(spec), relevance=load_relevance(spec), detector=load_detector(spec))

@@ -1,0 +1,51 @@
+"""ONE real safejudge Triton server for the whole test session, on the tiny models and free ports.
+
+Use from a test module with `pytest_plugins = ["tests.server_fixtures"]` (pytest then runs the
+session fixture once however many modules ask for it). The server's stages load the tiny models from
+the same on-disk cache as `tiny_models` here, so served and in-process results can be compared exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from safejudge.backends.base import Models
+from safejudge.backends.registry import ModelSpec, load_models
+from safejudge.server import PROJECT_ROOT, ServeSettings, TritonServer
+
+CONSTITUTIONS = PROJECT_ROOT / "constitutions"
+# Loading torch in several stubs on two shared cores takes a while; a hang is caught well before this.
+READY_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Models:
+    """The models the served pipeline runs, loaded in the test process (the reference)."""
+    return load_models(ModelSpec(threads=1))
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The full pipeline (safety_judge, preprocess, relevance, judge, mllm) with the shipped constitutions.
+
+    A fresh compiled-constitution cache, so the served compile path runs too. Stopped, and its /dev/shm
+    regions checked gone, at the end of the session.
+    """
+    settings = ServeSettings(
+        models=ModelSpec(threads=1),
+        constitutions=CONSTITUTIONS,
+        cache_dir=tmp_path_factory.mktemp("compiled"),
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        ready_timeout=READY_TIMEOUT_S,
+    )
+    server = settings.server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.shm_regions() == [], "the server's /dev/shm regions must be removed after stop"

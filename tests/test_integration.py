@@ -1,0 +1,232 @@
+"""The served pipeline end to end: a real Triton server, real gRPC, the tiny models of the real classes.
+
+Every served verdict is checked against the in-process reference (`judge_sequential`, the paper's loop,
+and `judge_batched`, the same engine without Triton) on the same weights. Raw tritonclient calls prove
+the wire format documented in README; the client library is checked on the same server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image, ImageDraw
+from tritonclient.utils import InferenceServerException
+
+from safejudge.compiled import compile_constitution
+from safejudge.constitution import load_constitution
+from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
+from safejudge.images import decode_image
+from safejudge_client import InvalidRequest, JudgeClient, Verdict
+from tests.server_fixtures import CONSTITUTIONS
+
+pytest_plugins = ["tests.server_fixtures"]
+pytestmark = pytest.mark.integration
+
+SCORE_TOLERANCE = 1e-5
+CONSTITUTION_FILES = sorted(CONSTITUTIONS.glob("*.yaml"))
+
+
+def scene(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    """A deterministic picture: a noisy background with a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    background = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(background, "RGB").convert(mode)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        x1, y1 = x0 + int(rng.integers(4, width // 2)), y0 + int(rng.integers(4, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=len(mode)))
+        draw.ellipse((x0, y0, x1, y1), fill=colour if len(colour) > 1 else colour[0])
+    return image
+
+
+def encoded(image: Image.Image, image_format: str, **save_options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **save_options)
+    return buffer.getvalue()
+
+
+IMAGES = {
+    "png-64x48": encoded(scene((64, 48), 1), "PNG"),
+    "jpeg-160x96": encoded(scene((160, 96), 2), "JPEG", quality=90),
+    "webp-40x90": encoded(scene((40, 90), 3), "WEBP"),
+    "gif-palette-48x48": encoded(scene((48, 48), 4, "P"), "GIF"),
+    "png-rgba-80x60": encoded(scene((80, 60), 5, "RGBA"), "PNG"),
+}
+# The tiny CLIP's cosines are arbitrary: without the filter every rule reaches the MLLM, with it some are skipped.
+OPTION_SETS = {"default": None, "no-relevance-filter": {"relevance_filter": False}}
+
+
+def infer_raw(url: str, image: bytes, constitution: str, options: bytes | str | None = None) -> Verdict:
+    """One `safety_judge` request exactly as README shows it: BYTES tensors of shape [1, 1]."""
+    inputs = []
+    for name, value in (("IMAGE", image), ("CONSTITUTION", constitution), ("OPTIONS", options)):
+        if value is None:
+            continue
+        tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[value.encode() if isinstance(value, str) else value]], dtype=object))
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer("safety_judge", inputs, outputs=[grpcclient.InferRequestedOutput("VERDICT")])
+    return Verdict.model_validate_json(result.as_numpy("VERDICT")[0, 0])
+
+
+def assert_same_scores(served: Verdict, reference: Verdict) -> None:
+    """Scores of every precondition both evaluated, rule by rule, agree to SCORE_TOLERANCE."""
+    reference_evidence = {
+        (v.rule_id, e.item, e.alternative): e for v in reference.violations for e in v.evidence
+    }
+    compared = 0
+    for violation in served.violations:
+        for evidence in violation.evidence:
+            other = reference_evidence.get((violation.rule_id, evidence.item, evidence.alternative))
+            if other is None or other.score is None:
+                continue  # the sequential loop stops an item at its first satisfied alternative
+            for field in ("score", "prior", "score_without_center"):
+                ours, theirs = getattr(evidence, field), getattr(other, field)
+                assert (ours is None) == (theirs is None), (violation.rule_id, evidence.text, field)
+                if ours is not None:
+                    assert abs(ours - theirs) <= SCORE_TOLERANCE, (violation.rule_id, evidence.text, field, ours, theirs)
+            compared += 1
+    assert compared or not served.violations, "violations must carry comparable evidence"
+
+
+@pytest.fixture(scope="module")
+def compiled_constitutions(tiny_models):
+    return {path.stem: compile_constitution(load_constitution(path), tiny_models) for path in CONSTITUTION_FILES}
+
+
+@pytest.fixture(scope="module")
+def served_and_reference(triton_server, tiny_models, compiled_constitutions):
+    """Every image x constitution x option set: (served, in-process sequential, in-process batched)."""
+    results = {}
+    for name, compiled in compiled_constitutions.items():
+        constitution = compiled.constitution.name
+        for image_name, data in IMAGES.items():
+            image = decode_image(data)
+            for options_name, options in OPTION_SETS.items():
+                served = infer_raw(triton_server.url, data, constitution, json.dumps(options) if options else None)
+                parsed = JudgeOptions.model_validate(options or {})
+                results[(name, image_name, options_name)] = (
+                    served,
+                    judge_sequential(image, compiled, tiny_models, parsed),
+                    judge_batched(image, compiled, tiny_models, parsed),
+                )
+    return results
+
+
+def test_both_shipped_constitutions_are_served():
+    names = {path.stem for path in CONSTITUTION_FILES}
+    assert {"os-bench", "general"} <= names, f"constitutions/ holds {sorted(names)}"
+
+
+def test_served_verdicts_equal_the_in_process_reference(served_and_reference, tiny_models):
+    for case, (served, sequential, batched) in served_and_reference.items():
+        assert served.decision() == sequential.decision(), case
+        assert served.decision() == batched.decision(), case
+        assert served.evaluator == "batched" and served.model_id == tiny_models.mllm.model_id, case
+        assert served.rules_considered == batched.rules_considered == sequential.rules_considered, case
+        assert served.mllm_calls == batched.mllm_calls, case
+        assert_same_scores(served, sequential)
+        assert_same_scores(served, batched)
+
+
+def test_the_comparison_covers_real_work(served_and_reference):
+    """Guards the test above against passing vacuously (everything skipped, nothing violated)."""
+    verdicts = [served for served, _, _ in served_and_reference.values()]
+    unfiltered = [v for (_, _, options), (v, _, _) in served_and_reference.items() if options == "no-relevance-filter"]
+    assert all(v.rules_considered and not v.rules_skipped_by_relevance for v in unfiltered)
+    assert any(v.violations for v in verdicts), "no served verdict found a violation to compare evidence on"
+    assert sum(len(e.evidence) for v in verdicts for e in v.violations) >= 10
+    assert len({v.constitution for v in verdicts}) == len(CONSTITUTION_FILES)
+
+
+def test_concurrent_requests_get_the_same_verdicts(triton_server, served_and_reference):
+    """Concurrent requests meet in the mllm stage's dynamic batcher; each must keep its own answers."""
+    cases = [case for case in served_and_reference if case[2] == "no-relevance-filter"][:4]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        verdicts = list(
+            pool.map(
+                lambda case: infer_raw(
+                    triton_server.url,
+                    IMAGES[case[1]],
+                    served_and_reference[case][0].constitution,
+                    json.dumps(OPTION_SETS[case[2]]),
+                ),
+                cases,
+            )
+        )
+    for case, verdict in zip(cases, verdicts, strict=True):
+        expected = served_and_reference[case][0]
+        assert verdict.decision() == expected.decision(), case
+        assert_same_scores(verdict, expected)
+
+
+def test_the_client_library_gets_the_same_verdict(triton_server, served_and_reference):
+    case = next(case for case in served_and_reference if case[2] == "no-relevance-filter")
+    expected = served_and_reference[case][0]
+    with JudgeClient(triton_server.url) as client:
+        verdict = client.judge(IMAGES[case[1]], expected.constitution, OPTION_SETS[case[2]])
+        assert verdict.decision() == expected.decision()
+        assert_same_scores(verdict, expected)
+        with pytest.raises(InvalidRequest, match="unknown constitution 'no-such-constitution'"):
+            client.judge(IMAGES[case[1]], "no-such-constitution")
+
+
+def truncated_png() -> bytes:
+    data = IMAGES["png-64x48"]
+    return data[: len(data) // 2]
+
+
+BAD_REQUESTS = {
+    "garbage bytes": (b"definitely not an image", None, None, "cannot identify image file"),
+    "truncated png": (truncated_png(), None, None, "image is truncated or corrupt"),
+    "zero bytes": (b"", None, None, "image is empty (0 bytes)"),
+    "unknown constitution": (None, "no-such-constitution", None, "unknown constitution 'no-such-constitution'; known: "),
+    "options not json": (None, None, "{not json", "OPTIONS is not valid JudgeOptions JSON: "),
+    "unknown option": (None, None, '{"evidense": "full"}', "evidense: Extra inputs are not permitted"),
+    "option out of range": (None, None, '{"max_reasoning_calls": -1}', "max_reasoning_calls: Input should be greater than or equal to 0"),
+    "threshold out of range": (None, None, '{"thresholds": {"relevance": 3.0}}', "thresholds: relevance: Input should be less than or equal to 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(triton_server, name):
+    image, constitution, options, message = BAD_REQUESTS[name]
+    good_image, good_constitution = IMAGES["png-64x48"], load_constitution(CONSTITUTION_FILES[0]).name
+    with pytest.raises(InferenceServerException) as raised:
+        infer_raw(triton_server.url, good_image if image is None else image, constitution or good_constitution, options)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
+    assert message in raised.value.message()
+    assert infer_raw(triton_server.url, good_image, good_constitution).constitution == good_constitution
+
+
+def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models):
+    """The `mllm` model directly: scores with an image and without (the prior), and a bad MODE."""
+    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]))
+    questions = ["A person is visible", "Blood is visible"]
+
+    def ask(mode: str, with_pixels: bool):
+        inputs = []
+        for name, value in (("QUESTIONS", [q.encode() for q in questions]), ("MODE", [mode.encode()])):
+            tensor = grpcclient.InferInput(name, [1, len(value)], "BYTES")
+            tensor.set_data_from_numpy(np.array([value], dtype=object))
+            inputs.append(tensor)
+        if with_pixels:
+            tensor = grpcclient.InferInput("PIXELS", [1, *pixels.shape], "UINT8")
+            tensor.set_data_from_numpy(pixels[np.newaxis])
+            inputs.append(tensor)
+        with grpcclient.InferenceServerClient(triton_server.url) as client:
+            return client.infer("mllm", inputs).as_numpy("SCORES")[0]
+
+    image = Image.fromarray(pixels, "RGB")
+    np.testing.assert_allclose(ask("score", True), tiny_models.mllm.score(image, questions), atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(ask("score", False), tiny_models.mllm.score(None, questions), atol=SCORE_TOLERANCE)
+    with pytest.raises(InferenceServerException, match="MODE must be one of"):
+        ask("poem", True)

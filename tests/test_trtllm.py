@@ -1,0 +1,460 @@
+"""The TensorRT-LLM backend: its logic on CPU (a stand-in for `tensorrt_llm.LLM`), the engine itself on a GPU.
+
+CPU tests use the tiny Qwen2-VL checkpoint's real processor and chat template; only the engine, which needs
+a GPU and the tensorrt_llm package, is replaced. GPU tests (marker `gpu`) need both and a Qwen2-VL or
+Qwen2.5-VL checkpoint directory in SAFEJUDGE_TRTLLM_MODEL; they skip cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from safejudge.backends.tiny import ensure_tiny_model
+from safejudge.backends.trtllm import (
+    PIXELS_PER_VISUAL_TOKEN,
+    SCORE_SAMPLING,
+    SUPPORTED_MODEL_TYPES,
+    TRTLLMSettings,
+    TRTLLMVisionLanguageModel,
+    first_token_logits,
+    fit_pixel_budget,
+    inspect_checkpoint,
+    reason_sampling,
+)
+from safejudge.decision import parse_reasoning, yes_no_token_ids, yes_probability
+from safejudge.prompts import REASON_SUMMARY, SYSTEM, YES_NO
+
+torch.set_num_threads(1)
+
+QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+STATEMENTS = ["a person is visible", "visible blood on the skin", "a knife is held in a hand"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return ensure_tiny_model("qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir):
+    from safejudge.backends.hf import PROCESSORS
+
+    return PROCESSORS["qwen2_vl"].from_pretrained(tiny_dir)
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+class FakeLLM:
+    """Stands in for `tensorrt_llm.LLM` (it needs a GPU): records every `generate` call and answers each
+    request with logits derived from its prompt and image, greedy token = argmax, like the real engine."""
+
+    def __init__(self, vocab_size: int, emit_wrong_token: bool = False, logits: bool = True):
+        self.vocab_size = vocab_size
+        self.emit_wrong_token = emit_wrong_token
+        self.logits = logits
+        self.calls: list[tuple[list[dict], object]] = []
+
+    def logits_for(self, request: dict) -> np.ndarray:
+        digest = hashlib.sha256(request["prompt"].encode())
+        for image in request.get("multi_modal_data", {}).get("image", []):
+            digest.update(image.tobytes())
+        seed = int.from_bytes(digest.digest()[:8], "little")
+        return np.random.default_rng(seed).normal(0.0, 3.0, size=self.vocab_size).astype(np.float32)
+
+    def generate(self, requests, params, use_tqdm=True):
+        assert isinstance(requests, list) and not use_tqdm
+        self.calls.append((requests, params))
+        outputs = []
+        for request in requests:
+            row = self.logits_for(request)
+            token = int(row.argmin() if self.emit_wrong_token else row.argmax())
+            completion = SimpleNamespace(
+                token_ids=[token],
+                # [generated tokens, vocab] in bf16, as the PyTorch backend hands it over.
+                generation_logits=torch.from_numpy(row[None]).to(torch.bfloat16) if self.logits else None,
+                text=f"  answer {len(self.calls)}.{len(outputs)} to: {request['prompt'][-40:]}  ",
+            )
+            outputs.append(SimpleNamespace(outputs=[completion]))
+        return outputs
+
+
+def make_backend(processor, llm: FakeLLM, **kwargs) -> TRTLLMVisionLanguageModel:
+    return TRTLLMVisionLanguageModel(
+        llm,
+        processor,
+        model_id="tiny-qwen2-vl",
+        score_params=dict(SCORE_SAMPLING),
+        reason_params=reason_sampling(64),
+        **kwargs,
+    )
+
+
+def vocab_rows(processor) -> int:
+    # Real checkpoints pad the logits row past the tokenizer's vocabulary; the fake does too.
+    return len(processor.tokenizer) + 7
+
+
+# -- prompts ------------------------------------------------------------------------------------------
+
+
+def test_prompt_with_and_without_image_differ_only_by_the_image(processor):
+    backend = make_backend(processor, FakeLLM(vocab_rows(processor)))
+    with_image = backend.yes_no_prompt(True, STATEMENTS[0])
+    without_image = backend.yes_no_prompt(False, STATEMENTS[0])
+    assert with_image.count(QWEN_IMAGE_PLACEHOLDER) == 1
+    assert QWEN_IMAGE_PLACEHOLDER not in without_image
+    assert with_image.replace(QWEN_IMAGE_PLACEHOLDER, "") == without_image
+    assert SYSTEM in with_image and STATEMENTS[0] in with_image
+    assert with_image.endswith("<|im_start|>assistant\n")
+
+
+def test_questions_about_one_image_share_system_image_and_opening_words(processor):
+    backend = make_backend(processor, FakeLLM(vocab_rows(processor)))
+    prompts = [backend.yes_no_prompt(True, s) for s in STATEMENTS]
+    shared = os.path.commonprefix(prompts)
+    opening = YES_NO.split("{statement}")[0]
+    assert shared.index(SYSTEM) < shared.index(QWEN_IMAGE_PLACEHOLDER) < shared.index(opening)
+    # The image and everything before it tokenize identically, so KV blocks can be shared.
+    token_lists = [processor.tokenizer(p).input_ids for p in prompts]
+    shared_tokens = len(os.path.commonprefix(token_lists))
+    assert shared_tokens >= len(processor.tokenizer(shared[: shared.index(opening)]).input_ids)
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+
+
+def test_score_is_yes_probability_of_each_questions_own_logits(processor, image):
+    llm = FakeLLM(vocab_rows(processor))
+    backend = make_backend(processor, llm)
+    scores = backend.score(image, STATEMENTS)
+
+    yes, no = yes_no_token_ids(processor.tokenizer.get_vocab())
+    sent = [request for requests, _ in llm.calls for request in requests]
+    assert [s for s in STATEMENTS if any(s in r["prompt"] for r in sent)] == STATEMENTS
+    rows = np.stack([llm.logits_for(r) for r in sent])
+    rows = torch.from_numpy(rows).to(torch.bfloat16).float().numpy()  # what the engine hands over
+    np.testing.assert_allclose(scores, yes_probability(rows, yes, no), rtol=1e-6)
+    assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
+    # Each score belongs to its own question: the order follows the questions.
+    reordered = backend.score(image, STATEMENTS[::-1])
+    np.testing.assert_allclose(reordered, scores[::-1], rtol=1e-6)
+
+
+def test_score_sends_the_image_with_every_question_and_warms_the_prefix_first(processor, image):
+    llm = FakeLLM(vocab_rows(processor))
+    make_backend(processor, llm).score(image, STATEMENTS)
+    assert [len(requests) for requests, _ in llm.calls] == [1, 2]
+    for requests, params in llm.calls:
+        assert params == SCORE_SAMPLING
+        for request in requests:
+            assert request["multi_modal_data"]["image"][0].tobytes() == image.tobytes()
+            assert QWEN_IMAGE_PLACEHOLDER in request["prompt"]
+
+
+def test_prior_is_one_batch_without_image_data(processor):
+    llm = FakeLLM(vocab_rows(processor))
+    scores = make_backend(processor, llm).score(None, STATEMENTS)
+    assert scores.shape == (3,)
+    (requests, _), = llm.calls
+    assert len(requests) == 3
+    assert all("multi_modal_data" not in r and QWEN_IMAGE_PLACEHOLDER not in r["prompt"] for r in requests)
+
+
+def test_without_warm_prefix_all_questions_go_in_one_batch(processor, image):
+    llm = FakeLLM(vocab_rows(processor))
+    make_backend(processor, llm, warm_prefix=False).score(image, STATEMENTS)
+    assert [len(requests) for requests, _ in llm.calls] == [3]
+
+
+def test_score_batch_runs_many_images_in_two_engine_calls_with_each_items_own_scores(processor, image):
+    other = Image.new("RGB", (64, 64), (200, 30, 30))
+    items = [(image, STATEMENTS), (None, STATEMENTS[:2]), (other, STATEMENTS[2:]), (other, [])]
+    llm = FakeLLM(vocab_rows(processor))
+    backend = make_backend(processor, llm)
+    batched = backend.score_batch(items)
+    # Heads: only the image with several questions warms a prefix; everything else goes in the second call.
+    assert [len(requests) for requests, _ in llm.calls] == [1, 5]
+    assert [len(s) for s in batched] == [3, 2, 1, 0]
+    for (item_image, questions), scores in zip(items, batched, strict=True):
+        np.testing.assert_allclose(scores, backend.score(item_image, questions), rtol=1e-6)
+    assert not np.allclose(batched[0][:2], batched[1])  # with and without the image differ
+
+
+def test_no_questions_means_no_engine_call(processor, image):
+    llm = FakeLLM(vocab_rows(processor))
+    backend = make_backend(processor, llm)
+    assert backend.score(image, []).shape == (0,)
+    assert backend.reason(image, []) == []
+    assert llm.calls == []
+
+
+def test_large_images_are_scaled_to_the_pixel_budget_before_sending(processor):
+    llm = FakeLLM(vocab_rows(processor))
+    big = Image.new("RGB", (400, 200), (10, 200, 30))
+    make_backend(processor, llm, max_image_pixels=20_000).score(big, STATEMENTS[:1])
+    sent = llm.calls[0][0][0]["multi_modal_data"]["image"][0]
+    assert sent.width * sent.height <= 20_000
+    assert abs(sent.width / sent.height - 2.0) < 0.05
+
+
+def test_a_logits_row_that_does_not_peak_at_the_emitted_token_is_refused(processor, image):
+    backend = make_backend(processor, FakeLLM(vocab_rows(processor), emit_wrong_token=True))
+    with pytest.raises(RuntimeError, match="misaligned"):
+        backend.score(image, STATEMENTS)
+
+
+def test_missing_generation_logits_name_the_setting_to_fix(processor, image):
+    backend = make_backend(processor, FakeLLM(vocab_rows(processor), logits=False))
+    with pytest.raises(RuntimeError, match="gather_generation_logits"):
+        backend.score(image, STATEMENTS)
+
+
+@pytest.mark.parametrize("shape", [(11,), (1, 11), (3, 11), (1, 3, 11)])
+def test_first_token_logits_takes_the_first_row_of_the_first_beam(shape):
+    values = np.zeros(shape, dtype=np.float32)
+    first = values.reshape(-1, 11)[0]
+    first[4] = 5.0  # the first token's row peaks at token 4; any later row peaks elsewhere
+    values.reshape(-1, 11)[1:, 9] = 50.0
+    output = SimpleNamespace(outputs=[SimpleNamespace(generation_logits=values, token_ids=[4])])
+    row = first_token_logits(output)
+    assert row.shape == (11,) and row[4] == 5.0 and row[9] == 0.0
+
+
+def test_an_emitted_token_outside_the_row_is_refused():
+    output = SimpleNamespace(outputs=[SimpleNamespace(generation_logits=np.zeros((1, 5)), token_ids=[7])])
+    with pytest.raises(RuntimeError, match="misaligned"):
+        first_token_logits(output)
+
+
+# -- reasoning ----------------------------------------------------------------------------------------
+
+
+def test_reason_runs_two_turns_and_feeds_each_thought_back(processor, image):
+    llm = FakeLLM(vocab_rows(processor))
+    answers = make_backend(processor, llm).reason(image, STATEMENTS)
+
+    # Turn 1 (warm + rest), then turn 2 (warm + rest).
+    assert [len(requests) for requests, _ in llm.calls] == [1, 2, 1, 2]
+    first_turn = [r for requests, _ in llm.calls[:2] for r in requests]
+    second_turn = [r for requests, _ in llm.calls[2:] for r in requests]
+    thoughts = [f"answer {call}.{index}" for call, index in [(1, 0), (2, 0), (2, 1)]]
+    for statement, request, thought in zip(STATEMENTS, second_turn, thoughts, strict=True):
+        assert statement in request["prompt"] and thought in request["prompt"]
+        assert request["prompt"].rstrip().endswith("<|im_start|>assistant")
+        assert REASON_SUMMARY in request["prompt"]
+        assert request["multi_modal_data"]["image"][0].tobytes() == image.tobytes()
+    assert all(REASON_SUMMARY not in r["prompt"] for r in first_turn)
+    assert answers == [f"answer {call}.{index} to: " + r["prompt"][-40:].strip() for (call, index), r in
+                       zip([(3, 0), (4, 0), (4, 1)], second_turn, strict=True)]
+    assert all(params == {"max_tokens": 64, "top_k": 1} for _, params in llm.calls)
+
+
+# -- settings -----------------------------------------------------------------------------------------
+
+
+def test_settings_build_llm_and_kv_cache_arguments(tiny_dir):
+    settings = TRTLLMSettings(model=str(tiny_dir), max_new_tokens=128, free_gpu_memory_fraction=0.5)
+    arguments = settings.llm_arguments()
+    assert arguments["model"] == str(tiny_dir)
+    assert arguments["backend"] == "pytorch"
+    assert arguments["gather_generation_logits"] is True
+    assert arguments["max_num_tokens"] >= settings.max_prompt_tokens
+    assert settings.kv_cache_arguments() == {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.5}
+    assert TRTLLMSettings(model="Qwen/Qwen2-VL-7B-Instruct").model == "Qwen/Qwen2-VL-7B-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model": "/no/such/checkpoint"}, "neither an existing checkpoint directory nor a hub id"),
+        ({"max_num_tokens": 1000}, "max_num_tokens=1000 cannot hold one prompt"),
+        ({"max_seq_len": 1500}, "max_seq_len=1500 is shorter than a reasoning exchange"),
+        ({"free_gpu_memory_fraction": 1.5}, "free_gpu_memory_fraction"),
+        ({"max_image_pixels": 100}, "max_image_pixels"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"max_tokens": 3}, "max_tokens"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        TRTLLMSettings(**{"model": "Qwen/Qwen2-VL-7B-Instruct", **overrides})
+
+
+def test_a_relative_checkpoint_directory_becomes_absolute(tiny_dir, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    assert TRTLLMSettings(model=tiny_dir.name).model == str(tiny_dir.resolve())
+
+
+def test_settings_from_a_model_spec_target():
+    settings = TRTLLMSettings.from_target("Qwen/Qwen2-VL-2B-Instruct?max_new_tokens=128&warm_prefix=false")
+    assert (settings.model, settings.max_new_tokens, settings.warm_prefix) == ("Qwen/Qwen2-VL-2B-Instruct", 128, False)
+    assert TRTLLMSettings.from_target("Qwen/Qwen2-VL-2B-Instruct") == TRTLLMSettings(model="Qwen/Qwen2-VL-2B-Instruct")
+    with pytest.raises(ValidationError, match="bogus"):
+        TRTLLMSettings.from_target("Qwen/Qwen2-VL-2B-Instruct?bogus=1")
+    with pytest.raises(ValueError, match="key=value pairs"):
+        TRTLLMSettings.from_target("Qwen/Qwen2-VL-2B-Instruct?max_new_tokens")
+
+
+def test_fit_pixel_budget_keeps_small_images_and_aspect():
+    small = Image.new("RGB", (100, 50))
+    assert fit_pixel_budget(small, 5000) is small
+    fitted = fit_pixel_budget(Image.new("RGB", (3000, 1000)), 1280 * PIXELS_PER_VISUAL_TOKEN)
+    assert fitted.width * fitted.height <= 1280 * PIXELS_PER_VISUAL_TOKEN
+    assert abs(fitted.width / fitted.height - 3.0) < 0.01
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+
+def test_tiny_qwen2_vl_checkpoint_passes_inspection(tiny_dir, processor):
+    report = inspect_checkpoint(tiny_dir)
+    assert report.ok, report.problems
+    assert report.model_type in SUPPORTED_MODEL_TYPES
+    assert report.weight_files == ["model.safetensors"]
+    assert (report.yes_token_ids, report.no_token_ids) == yes_no_token_ids(processor.tokenizer.get_vocab())
+
+
+def _broken_copy(tiny_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, copy)
+    return copy
+
+
+def test_inspection_names_every_problem(tiny_dir, tmp_path):
+    copy = _broken_copy(tiny_dir, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "idefics3"}))
+    (copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    (copy / "tokenizer.json").unlink()
+    (copy / "chat_template.jinja").unlink()
+    problems = " | ".join(inspect_checkpoint(copy).problems)
+    assert "model_type 'idefics3' is not supported" in problems
+    assert "model-00002-of-00002.safetensors" in problems
+    assert "tokenizer.json is missing" in problems
+    assert "no chat template" in problems
+    assert len(inspect_checkpoint(copy).problems) == 4
+
+
+def test_inspection_of_a_missing_directory():
+    report = inspect_checkpoint("/no/such/checkpoint")
+    assert not report.ok and "is not a directory" in report.problems[0]
+
+
+def test_load_refuses_a_broken_checkpoint_before_touching_the_gpu(tiny_dir, tmp_path):
+    copy = _broken_copy(tiny_dir, tmp_path)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        TRTLLMVisionLanguageModel.load(TRTLLMSettings(model=str(copy)))
+
+
+def test_build_script_checks_a_checkpoint(tiny_dir, tmp_path):
+    script = REPO / "engine_build" / "build_trtllm.py"
+    ok = subprocess.run([sys.executable, script, "check", tiny_dir], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["model_type"] == "qwen2_vl"
+    copy = _broken_copy(tiny_dir, tmp_path)
+    (copy / "tokenizer.json").unlink()
+    bad = subprocess.run([sys.executable, script, "check", copy], capture_output=True, text=True)
+    assert bad.returncode == 2 and "tokenizer.json is missing" in bad.stderr
+
+
+def test_importing_the_backend_does_not_import_tensorrt_llm():
+    code = (
+        "import sys, safejudge.backends.trtllm\n"
+        "from safejudge.backends.registry import ModelSpec\n"
+        "ModelSpec(mllm='trtllm:Qwen/Qwen2-VL-7B-Instruct?max_new_tokens=64')\n"
+        "sys.exit('tensorrt_llm' in sys.modules or 'torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_registry_trtllm_scheme_checks_the_checkpoint_before_loading(tiny_dir, tmp_path):
+    from safejudge.backends.registry import ModelSpec, load_mllm
+
+    copy = _broken_copy(tiny_dir, tmp_path)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json is missing"):
+        load_mllm(ModelSpec(mllm=f"trtllm:{copy}?max_new_tokens=64", relevance=None))
+    with pytest.raises(ValidationError, match="max_num_tokens=100"):
+        load_mllm(ModelSpec(mllm=f"trtllm:{tiny_dir}?max_num_tokens=100", relevance=None))
+
+
+# -- on a GPU -----------------------------------------------------------------------------------------
+
+
+def _gpu_model() -> str:
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        pytest.skip("tensorrt_llm is not installed (use the NGC TensorRT-LLM container, see docs/gpu.md)")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    model = os.environ.get("SAFEJUDGE_TRTLLM_MODEL")
+    if not model:
+        pytest.skip("set SAFEJUDGE_TRTLLM_MODEL to a Qwen2-VL or Qwen2.5-VL checkpoint directory")
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpu_backend():
+    settings = TRTLLMSettings(model=_gpu_model(), max_new_tokens=96, max_batch_size=16)
+    backend = TRTLLMVisionLanguageModel.load(settings)
+    yield backend
+    backend.shutdown()
+
+
+def _solid(colour: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (448, 448), colour)
+
+
+@pytest.mark.gpu
+def test_gpu_scores_are_probabilities_that_follow_the_image(gpu_backend):
+    questions = ["the image is mostly red", "the image is mostly blue"]
+    red, blue = gpu_backend.score(_solid((220, 20, 20)), questions), gpu_backend.score(_solid((20, 20, 220)), questions)
+    assert np.all((red > 0) & (red < 1)) and np.all((blue > 0) & (blue < 1))
+    assert red[0] > blue[0] and blue[1] > red[1]
+
+
+@pytest.mark.gpu
+def test_gpu_kv_reuse_never_mixes_images_and_matches_single_requests(gpu_backend):
+    questions = STATEMENTS + ["the image is mostly red"]
+    red, blue = _solid((220, 20, 20)), _solid((20, 20, 220))
+    first = gpu_backend.score(red, questions)
+    gpu_backend.score(blue, questions)  # fills the cache with another image's blocks
+    again = gpu_backend.score(red, questions)
+    one_by_one = np.concatenate([gpu_backend.score(red, [q]) for q in questions])
+    # bf16 kernels differ slightly between batch shapes; a reused wrong image would differ by far more.
+    np.testing.assert_allclose(again, first, atol=0.02)
+    np.testing.assert_allclose(one_by_one, first, atol=0.02)
+
+
+@pytest.mark.gpu
+def test_gpu_prior_needs_no_image(gpu_backend):
+    prior = gpu_backend.score(None, STATEMENTS)
+    assert prior.shape == (3,) and np.all((prior > 0) & (prior < 1))
+
+
+@pytest.mark.gpu
+def test_gpu_reasoning_ends_in_a_json_rating(gpu_backend):
+    answers = gpu_backend.reason(_solid((220, 20, 20)), ["the image is mostly red", "a dog is visible"])
+    assert len(answers) == 2 and all(answers)
+    assert all(parse_reasoning(a).parsed for a in answers), answers
