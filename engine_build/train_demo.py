@@ -165,6 +165,18 @@ def _aux_label(scene: Scene, name: str) -> bool:
 # ---------------------------------------------------------------- models
 
 
+def patch_stem(channels: tuple[int, ...]) -> nn.Sequential:
+    """4x4 patches (96 -> 24), then a stride-2 convolution per further width, each with a 3x3 refinement."""
+    layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 4, 4), nn.BatchNorm2d(channels[0]), nn.ReLU()]
+    previous = channels[0]
+    for stage, width in enumerate(channels):
+        if stage:
+            layers += [nn.Conv2d(previous, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU()]
+        previous = width
+    return nn.Sequential(*layers)
+
+
 def conv_stem(channels: tuple[int, ...]) -> nn.Sequential:
     """Stride-2 convolutions (96 -> 96 / 2**len(channels)); after the first, each gets a 3x3 refinement.
 
@@ -227,7 +239,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = conv_stem((32, 64, 96, DIM))
+        self.stem = patch_stem((64, 96, DIM))
         self.position = nn.Parameter(torch.randn(VISUAL_GRID * VISUAL_GRID, DIM) * 0.02)
         self.block = Block(DIM, HEADS)
         self.norm = nn.LayerNorm(DIM)
@@ -340,15 +352,18 @@ def train_vlm(steps: int, seed: int) -> dict:
     vocab = demo_vocabulary()
     tokenizer = ToyTokenizer(vocab)
     model = ToyVLM(len(vocab))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     started = time.time()
     for step in range(steps):
-        images, ids, labels, image_index, present, aux = vlm_batch(rng, tokenizer, 32, 6, no_image=0.1, reason=0.2)
-        _schedule(optimizer, step, steps, 2e-3)
+        images, ids, labels, image_index, present, aux = vlm_batch(rng, tokenizer, 40, 5, no_image=0.1, reason=0.15)
+        _schedule(optimizer, step, steps, 3e-3)
         visual = model.vision(images)
         logits = model.decoder.train_forward(visual, image_index, present, ids)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        # Every sequence weighs the same: a long step-by-step answer must not drown the one-token answers.
+        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        answered = (labels != -100).float()
+        loss = ((token_loss * answered).sum(1) / answered.sum(1)).mean()
         aux_loss = F.binary_cross_entropy_with_logits(model.aux(visual.mean(1)), aux)
         optimizer.zero_grad()
         (loss + aux_loss).backward()
@@ -475,7 +490,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
-TRAINERS = {"vlm": (train_vlm, 700), "clip": (train_clip, 1200), "detector": (train_detector, 1000)}
+TRAINERS = {"vlm": (train_vlm, 1000), "clip": (train_clip, 1200), "detector": (train_detector, 1000)}
 
 
 def main(argv: list[str] | None = None) -> None:

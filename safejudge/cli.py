@@ -171,6 +171,7 @@ def serve(
         server.start()
         typer.echo(f"ready: gRPC {server.url}  HTTP {server.http_url}  metrics {server.metrics_url}")
         typer.echo("model: safety_judge (IMAGE, CONSTITUTION, OPTIONS -> VERDICT); Ctrl-C stops")
+        typer.echo(f"server log: {server.log_path}  shared memory: /dev/shm/{server.shm_prefix}*")
         code = server.wait()
         fail(f"tritonserver exited with code {code}; last log lines:\n{server.log_tail()}", code=1)
     except ServerError as exc:
@@ -179,6 +180,7 @@ def serve(
         typer.echo("stopping ...")
     finally:
         server.stop()
+    typer.echo("stopped")
 
 
 @build_app.command("constitution")

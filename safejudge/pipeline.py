@@ -1,5 +1,5 @@
-"""The served pipeline's stage logic, free of Triton: model_repository/<stage>/1/model.py files only move
-tensors into and out of these classes (and test them the same way the server runs them).
+"""The served pipeline's stage logic, free of Triton: each model_repository/<stage>/1/model.py only moves
+tensors into and out of these classes and maps InvalidRequest to INVALID_ARGUMENT.
 
     safety_judge (ensemble): IMAGE, CONSTITUTION, OPTIONS? -> VERDICT
       preprocess  IMAGE bytes -> PIXELS (decode + validate)

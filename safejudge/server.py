@@ -29,6 +29,7 @@ from string import Template
 from pydantic import BaseModel, ConfigDict, Field
 
 from safejudge.backends.registry import ModelSpec
+from safejudge.store import default_cache_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -290,8 +291,7 @@ class ServeSettings(BaseModel):
     models: ModelSpec = Field(default_factory=ModelSpec)
     constitutions: Path = Path("constitutions")
     cache_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("SAFEJUDGE_CACHE", Path.home() / ".cache" / "safejudge"))
-        / "compiled",
+        default_factory=default_cache_dir,
         description="compiled constitutions (priors, rule embeddings), reused across restarts",
     )
     host: str = "127.0.0.1"

@@ -491,7 +491,7 @@ def generate_scene(
     for first, second in spec.far:
         _place_pair(canvas, first, second, near=False)
 
-    wanted = [c for c in (*spec.objects, *spec.not_held) if c not in canvas.concepts or c in spec.held]
+    wanted = [c for c in (*spec.objects, *spec.not_held) if c not in canvas.concepts]
     for concept in dict.fromkeys(wanted):
         if canvas.place(concept, where=lambda b, c=concept: _allowed(canvas, c, b, spec)) is None:
             raise SceneError(f"no room for a {concept}")

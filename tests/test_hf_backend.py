@@ -3,6 +3,9 @@ matters, reasoning runs two turns, tiny builds are reproducible, and both evalua
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from safejudge.backends.base import MLLM, Models
 from safejudge.backends.hf import HFVisionLanguageModel
 from safejudge.backends.registry import ModelSpec, load_detector, load_relevance
-from safejudge.backends.tiny import build_tiny_model, ensure_tiny_model
+from safejudge.backends.tiny import build_tiny_model, ensure_tiny_model, publish_atomically
 from safejudge.compiled import compile_constitution
 from safejudge.constitution import Constitution
 from safejudge.decision import yes_probability
@@ -142,6 +145,22 @@ def test_two_builds_from_the_same_seed_score_identically(tmp_path):
     assert np.abs(other_seed.score(IMAGE, STATEMENTS) - first.score(IMAGE, STATEMENTS)).max() > 1e-3
 
 
+def test_concurrent_builders_publish_one_complete_directory(tmp_path):
+    target = tmp_path / "cache" / "model-v1"
+    barrier = threading.Barrier(4)
+
+    def build(out):
+        out.mkdir()
+        barrier.wait()  # every builder is mid-build before any of them publishes
+        (out / "weights").write_text(threading.current_thread().name)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: publish_atomically(target, build), range(4)))
+    assert results == [target] * 4
+    assert (target / "weights").read_text()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model-v1"], "no temporary directories left"
+
+
 CONSTITUTION = Constitution.model_validate(
     {
         "name": "tiny-check",
@@ -190,3 +209,20 @@ def test_sequential_and_batched_evaluators_agree_on_the_tiny_models(mllm):
         assert batched.decision() == sequential.decision()
         assert batched.rules_considered == ["blood", "knife", "kiss"]
         assert batched.mllm_calls <= sequential.mllm_calls
+
+
+def test_scoring_counts_forward_passes_and_tokens_against_the_minimum():
+    from PIL import Image
+
+    from safejudge.backends.registry import load_mllm
+
+    mllm = load_mllm(ModelSpec(relevance=None))
+    image = Image.new("RGB", (64, 48), (200, 10, 10))
+    questions = ["A person is visible", "A knife with a long blade is visible in a hand", "Fire"]
+    before = mllm.stats.copy()
+    mllm.score(image, questions)
+    used = mllm.stats - before
+    minimum = mllm.minimum_tokens(image, questions)
+    assert used.forward_passes == 2  # the shared prefix once, then every suffix in one batch
+    # Right padding is the only waste: each suffix is padded to the longest.
+    assert minimum < used.tokens_processed < minimum + len(questions) * 12

@@ -21,14 +21,18 @@ from safejudge.compiled import compile_constitution
 from safejudge.constitution import load_constitution
 from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
 from safejudge.images import decode_image
+from safejudge.server import PROJECT_ROOT
 from safejudge_client import InvalidRequest, JudgeClient, Verdict
-from tests.server_fixtures import CONSTITUTIONS
 
 pytest_plugins = ["tests.server_fixtures"]
 pytestmark = pytest.mark.integration
 
+# Served and in-process judge_batched make the very same MLLM calls: their scores must agree closely.
 SCORE_TOLERANCE = 1e-5
-CONSTITUTION_FILES = sorted(CONSTITUTIONS.glob("*.yaml"))
+# The sequential loop scores one question per call; a different batch changes the fp32 summation order
+# inside the model, measured up to 1.0e-5 on the tiny Qwen2-VL (same process, no server involved).
+SEQUENTIAL_TOLERANCE = 1e-4
+CONSTITUTION_FILES = sorted((PROJECT_ROOT / "constitutions").glob("*.yaml"))
 
 
 def scene(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
@@ -59,8 +63,17 @@ IMAGES = {
     "gif-palette-48x48": encoded(scene((48, 48), 4, "P"), "GIF"),
     "png-rgba-80x60": encoded(scene((80, 60), 5, "RGBA"), "PNG"),
 }
-# The tiny CLIP's cosines are arbitrary: without the filter every rule reaches the MLLM, with it some are skipped.
-OPTION_SETS = {"default": None, "no-relevance-filter": {"relevance_filter": False}}
+# The tiny CLIP's cosines are arbitrary (it skips most rules): without the filter every rule reaches the
+# MLLM. Reasoning (two generations per question) dominates the cost, so most cases do without it and one
+# image per constitution runs the full cascade.
+OPTION_SETS = {
+    "default": None,
+    "all-rules-no-reasoning": {"relevance_filter": False, "max_reasoning_calls": 0},
+    "all-rules": {"relevance_filter": False},
+}
+CASES = [(image, "default") for image in IMAGES]
+CASES += [(image, "all-rules-no-reasoning") for image in list(IMAGES)[:3]]
+CASES += [("jpeg-160x96", "all-rules")]
 
 
 def infer_raw(url: str, image: bytes, constitution: str, options: bytes | str | None = None) -> Verdict:
@@ -77,8 +90,8 @@ def infer_raw(url: str, image: bytes, constitution: str, options: bytes | str | 
     return Verdict.model_validate_json(result.as_numpy("VERDICT")[0, 0])
 
 
-def assert_same_scores(served: Verdict, reference: Verdict) -> None:
-    """Scores of every precondition both evaluated, rule by rule, agree to SCORE_TOLERANCE."""
+def assert_same_scores(served: Verdict, reference: Verdict, tolerance: float = SCORE_TOLERANCE) -> None:
+    """Scores of every precondition both evaluated, rule by rule, agree to tolerance."""
     reference_evidence = {
         (v.rule_id, e.item, e.alternative): e for v in reference.violations for e in v.evidence
     }
@@ -92,7 +105,7 @@ def assert_same_scores(served: Verdict, reference: Verdict) -> None:
                 ours, theirs = getattr(evidence, field), getattr(other, field)
                 assert (ours is None) == (theirs is None), (violation.rule_id, evidence.text, field)
                 if ours is not None:
-                    assert abs(ours - theirs) <= SCORE_TOLERANCE, (violation.rule_id, evidence.text, field, ours, theirs)
+                    assert abs(ours - theirs) <= tolerance, (violation.rule_id, evidence.text, field, ours, theirs)
             compared += 1
     assert compared or not served.violations, "violations must carry comparable evidence"
 
@@ -107,17 +120,17 @@ def served_and_reference(triton_server, tiny_models, compiled_constitutions):
     """Every image x constitution x option set: (served, in-process sequential, in-process batched)."""
     results = {}
     for name, compiled in compiled_constitutions.items():
-        constitution = compiled.constitution.name
-        for image_name, data in IMAGES.items():
-            image = decode_image(data)
-            for options_name, options in OPTION_SETS.items():
-                served = infer_raw(triton_server.url, data, constitution, json.dumps(options) if options else None)
-                parsed = JudgeOptions.model_validate(options or {})
-                results[(name, image_name, options_name)] = (
-                    served,
-                    judge_sequential(image, compiled, tiny_models, parsed),
-                    judge_batched(image, compiled, tiny_models, parsed),
-                )
+        for image_name, options_name in CASES:
+            data, options = IMAGES[image_name], OPTION_SETS[options_name]
+            served = infer_raw(
+                triton_server.url, data, compiled.constitution.name, json.dumps(options) if options else None
+            )
+            parsed, image = JudgeOptions.model_validate(options or {}), decode_image(data)
+            results[(name, image_name, options_name)] = (
+                served,
+                judge_sequential(image, compiled, tiny_models, parsed),
+                judge_batched(image, compiled, tiny_models, parsed),
+            )
     return results
 
 
@@ -133,23 +146,24 @@ def test_served_verdicts_equal_the_in_process_reference(served_and_reference, ti
         assert served.evaluator == "batched" and served.model_id == tiny_models.mllm.model_id, case
         assert served.rules_considered == batched.rules_considered == sequential.rules_considered, case
         assert served.mllm_calls == batched.mllm_calls, case
-        assert_same_scores(served, sequential)
+        assert_same_scores(served, sequential, SEQUENTIAL_TOLERANCE)
         assert_same_scores(served, batched)
 
 
 def test_the_comparison_covers_real_work(served_and_reference):
     """Guards the test above against passing vacuously (everything skipped, nothing violated)."""
     verdicts = [served for served, _, _ in served_and_reference.values()]
-    unfiltered = [v for (_, _, options), (v, _, _) in served_and_reference.items() if options == "no-relevance-filter"]
+    unfiltered = [v for (_, _, options), (v, _, _) in served_and_reference.items() if options != "default"]
     assert all(v.rules_considered and not v.rules_skipped_by_relevance for v in unfiltered)
     assert any(v.violations for v in verdicts), "no served verdict found a violation to compare evidence on"
+    assert any(v.reasoning_calls for v in verdicts), "the reasoning stage (MODE reason) was never exercised"
     assert sum(len(e.evidence) for v in verdicts for e in v.violations) >= 10
     assert len({v.constitution for v in verdicts}) == len(CONSTITUTION_FILES)
 
 
 def test_concurrent_requests_get_the_same_verdicts(triton_server, served_and_reference):
     """Concurrent requests meet in the mllm stage's dynamic batcher; each must keep its own answers."""
-    cases = [case for case in served_and_reference if case[2] == "no-relevance-filter"][:4]
+    cases = [case for case in served_and_reference if case[2] == "all-rules-no-reasoning"][:4]
     with ThreadPoolExecutor(len(cases)) as pool:
         verdicts = list(
             pool.map(
@@ -169,7 +183,7 @@ def test_concurrent_requests_get_the_same_verdicts(triton_server, served_and_ref
 
 
 def test_the_client_library_gets_the_same_verdict(triton_server, served_and_reference):
-    case = next(case for case in served_and_reference if case[2] == "no-relevance-filter")
+    case = next(case for case in served_and_reference if case[2] == "all-rules-no-reasoning")
     expected = served_and_reference[case][0]
     with JudgeClient(triton_server.url) as client:
         verdict = client.judge(IMAGES[case[1]], expected.constitution, OPTION_SETS[case[2]])

@@ -11,13 +11,13 @@ from safejudge.backends.clip_onnx import OnnxClipEncoder
 from safejudge.backends.hf import HFVisionLanguageModel
 from safejudge.backends.owlv2 import Owlv2Detector
 from safejudge.backends.registry import ModelSpec, ModelSpecError, load_detector, load_mllm, load_models, load_relevance
-from safejudge.backends.tiny import ensure_tiny_clip_onnx, ensure_tiny_model
+from safejudge.backends.tiny import TINY_VERSION, ensure_tiny_clip_onnx, ensure_tiny_model
 
 
 def test_default_spec_plus_tiny_detector_loads_all_three_roles():
     spec = ModelSpec(detector="tiny:owlv2")
     models = load_models(spec)
-    assert isinstance(models.mllm, HFVisionLanguageModel) and models.mllm.model_id == "tiny:qwen2-vl"
+    assert isinstance(models.mllm, HFVisionLanguageModel) and models.mllm.model_id == f"tiny:qwen2-vl-v{TINY_VERSION}@float32"
     assert isinstance(models.relevance, OnnxClipEncoder) and models.relevance.model_id == "tiny:clip"
     assert isinstance(models.detector, Owlv2Detector) and models.detector.model_id == "tiny:owlv2"
 
@@ -35,7 +35,7 @@ def test_local_directories_load_through_the_real_schemes():
         dtype="bfloat16",
     )
     mllm = load_mllm(spec)
-    assert mllm.model_id == spec.mllm and mllm.model.dtype == torch.bfloat16
+    assert mllm.model_id == f"{spec.mllm}@bfloat16" and mllm.model.dtype == torch.bfloat16
     assert load_relevance(spec).model_id == spec.relevance
     assert load_detector(spec).model_id == spec.detector
 
@@ -80,3 +80,10 @@ def test_a_new_scheme_is_one_table_entry(monkeypatch):
     monkeypatch.setitem(registry.MLLM_LOADERS, "fake", lambda argument, spec: loaded.append(argument) or "model")
     assert load_mllm(ModelSpec(mllm="fake:weights", relevance=None)) == "model"
     assert loaded == ["weights"]
+
+
+def test_a_directory_without_model_files_fails_with_a_clear_error(tmp_path):
+    with pytest.raises(ModelSpecError, match="cannot load mllm .hf:.*(config.json|model_type)"):
+        load_mllm(ModelSpec(mllm=f"hf:{tmp_path}"))
+    with pytest.raises(ModelSpecError, match="cannot load relevance 'onnx:.*missing clip_onnx.json"):
+        load_relevance(ModelSpec(relevance=f"onnx:{tmp_path}"))

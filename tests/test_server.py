@@ -6,7 +6,10 @@ readiness, shutdown, /dev/shm cleanup and the failure modes that would otherwise
 
 from __future__ import annotations
 
+import glob
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from safejudge.server import ServerError, ServeSettings, TritonInstall, TritonServer, pbtxt_string, render_repository
+from safejudge.server import (
+    PROJECT_ROOT,
+    ServerError,
+    ServeSettings,
+    TritonInstall,
+    TritonServer,
+    pbtxt_string,
+    render_repository,
+)
+from safejudge_client import JudgeClient
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +186,38 @@ def test_cli_serve_rejects_bad_flags_with_one_readable_line(tmp_path):
     )
     assert result.returncode == 2
     assert "error: constitution directory" in result.stderr and "does not exist" in result.stderr
+
+
+def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
+    """`safejudge serve` end to end: ready line, one real verdict over gRPC, SIGTERM, clean exit."""
+    constitutions = tmp_path / "constitutions"
+    constitutions.mkdir()
+    (constitutions / "general.yaml").write_text((PROJECT_ROOT / "constitutions" / "general.yaml").read_text())
+    command = [sys.executable, "-m", "safejudge.cli", "serve", "--grpc-port", "0", "--http-port", "0"]
+    command += ["--metrics-port", "0", "--relevance", "none", "--constitutions", str(constitutions)]
+    command += ["--ready-timeout", "240"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:  # the CLI gives up by itself after --ready-timeout
+            lines.append(line)
+            if line.startswith("server log:"):
+                break
+        output = "".join(lines)
+        url = re.search(r"ready: gRPC (\S+)", output)
+        shm_prefix = re.search(r"shared memory: (\S+)\*", output)
+        assert url and shm_prefix, output
+        image = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 30, 30)).save(image, format="PNG")
+        with JudgeClient(url.group(1)) as client:
+            verdict = client.judge(image.getvalue(), "general", {"max_reasoning_calls": 0})
+        assert verdict.constitution == "general" and verdict.rules_considered  # no relevance filter: all rules
+        assert glob.glob(shm_prefix.group(1) + "*")
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output + rest
+    assert "stopped" in rest
+    assert glob.glob(shm_prefix.group(1) + "*") == []

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+
+@dataclass
+class MLLMStats:
+    """Work counters a backend may keep (attribute `stats`), read by benchmarks as differences."""
+
+    forward_passes: int = 0
+    tokens_processed: int = 0  # every position run through the decoder for scoring, padding included
+    tokens_generated: int = 0  # reasoning output tokens
+
+    def copy(self) -> MLLMStats:
+        return MLLMStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def __sub__(self, other: MLLMStats) -> MLLMStats:
+        return MLLMStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
 
 @runtime_checkable

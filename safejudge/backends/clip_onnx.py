@@ -7,7 +7,6 @@ serving needs neither transformers nor torch. `export_clip` (engine_build/export
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +53,9 @@ class OnnxClipEncoder:
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        missing = [name for name in (META_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]
+        missing = [
+            name for name in (META_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE) if not (directory / name).is_file()
+        ]
         if missing:
             raise FileNotFoundError(
                 f"{directory} is not a CLIP ONNX export (missing {', '.join(missing)}); "
@@ -204,7 +205,9 @@ def export_clip(source: str | Path, out: str | Path, opset: int = 18) -> ExportC
 
     encoder = OnnxClipEncoder(out)
     onnx_image = encoder.image_session.run(None, {"pixel_values": pixel_values.numpy()})[0]
-    onnx_text = encoder.text_session.run(None, {k: v.numpy() for k, v in text.items() if k in ("input_ids", "attention_mask")})[0]
+    onnx_text = encoder.text_session.run(
+        None, {k: v.numpy() for k, v in text.items() if k in ("input_ids", "attention_mask")}
+    )[0]
     check = ExportCheck(
         image_max_abs_diff=float(np.abs(onnx_image - torch_image).max()),
         text_max_abs_diff=float(np.abs(onnx_text - torch_text).max()),

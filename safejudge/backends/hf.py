@@ -25,6 +25,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+from safejudge.backends.base import MLLMStats
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
@@ -35,13 +36,13 @@ def _without_video(processor_class: type) -> type:
     """The Qwen processor minus its video processor, which needs torchvision (not installable here):
     `Qwen2VLProcessor(video_processor=None)` fails with `VIDEO_PROCESSOR_MAPPING has no attribute
     '_extra_content'`. Sub-processors are read from the __init__ signature, so this one loads only
-    the image processor and the tokenizer."""
+    the image processor and the tokenizer. It keeps the original class name, which save_pretrained
+    writes to processor_config.json, so saved directories still load with AutoProcessor elsewhere."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
 
-    name = processor_class.__name__.replace("Processor", "ImageOnlyProcessor")
-    return type(name, (processor_class,), {"__init__": __init__, "__module__": __name__})
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
 
 
 Qwen2VLImageOnlyProcessor = _without_video(Qwen2VLProcessor)
@@ -86,10 +87,13 @@ class HFVisionLanguageModel:
         self.max_new_tokens = max_new_tokens
         self.max_batch = max_batch
         self.yes_ids, self.no_ids = yes_no_token_ids(self.tokenizer.get_vocab())
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         # Qwen2-VL places image tokens on a 2-D M-RoPE grid; text after the image continues from the grid's
         # largest position, not from the token count, so reused caches need these positions explicitly.
         self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self.stats = MLLMStats()
 
     @classmethod
     def from_pretrained(
@@ -98,9 +102,11 @@ class HFVisionLanguageModel:
         dtype: Literal["float32", "bfloat16"] = "float32",
         threads: int | None = None,
         max_new_tokens: int = 128,
+        max_batch: int = 32,
         model_id: str | None = None,
     ) -> HFVisionLanguageModel:
-        """Load by hub id or local directory. threads sets torch's (process-wide) intra-op thread count."""
+        """Load by hub id or local directory. threads sets torch's (process-wide) intra-op thread count;
+        max_batch bounds how many question suffixes share one forward (memory: one KV-cache copy each)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if threads is not None:
@@ -110,7 +116,7 @@ class HFVisionLanguageModel:
         processor_class = PROCESSORS.get(config.model_type, AutoProcessor)
         processor = processor_class.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]).eval()
-        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens)
+        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens, max_batch=max_batch)
 
     # -- prompts ---------------------------------------------------------------------------------------
 
@@ -162,6 +168,8 @@ class HFVisionLanguageModel:
             )
             next_position = length + int(deltas[0, 0])
         output = self.model(**prefix, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        self.stats.forward_passes += 1
+        self.stats.tokens_processed += length
         return output.cache, next_position
 
     def _suffix_logits(self, cache, prefix_length: int, next_position: int, suffixes: list[list[int]]) -> torch.Tensor:
@@ -183,6 +191,8 @@ class HFVisionLanguageModel:
             cache=batch_cache,
             use_cache=True,
         ).logits
+        self.stats.forward_passes += 1
+        self.stats.tokens_processed += count * longest
         last = suffix_mask.sum(dim=1) - 1
         return logits[torch.arange(count), last]
 
@@ -203,6 +213,15 @@ class HFVisionLanguageModel:
             )
         return yes_probability(logits.float().numpy(), self.yes_ids, self.no_ids)
 
+    def minimum_tokens(self, image: Image.Image | None, questions: Sequence[str]) -> int:
+        """The least any scorer must run for these questions: the shared prefix once plus each
+        question's own tokens (the yardstick for `tokens_processed`)."""
+        if not questions:
+            return 0
+        prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
+        prefix, suffixes = self._shared_prefix(prompts, image)
+        return prefix["input_ids"].shape[1] + sum(len(s) for s in suffixes)
+
     # -- reasoning -------------------------------------------------------------------------------------
 
     def _generate(self, image: Image.Image, prompts: list[str]) -> list[str]:
@@ -211,6 +230,8 @@ class HFVisionLanguageModel:
             **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        self.stats.forward_passes += new_tokens.shape[1]
+        self.stats.tokens_generated += int((new_tokens != self.pad_id).sum())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def reason(self, image: Image.Image, questions: Sequence[str]) -> list[str]:

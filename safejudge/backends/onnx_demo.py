@@ -69,7 +69,7 @@ class DemoVLM:
     def __init__(self, directory: Path = DEMO_MODELS, threads: int = 1):
         self.tokenizer = ToyTokenizer(_vocabulary(directory))
         self.vocab = self.tokenizer.vocab
-        self.yes_ids, self.no_ids = yes_no_token_ids({w: i for w, i in self.vocab.items() if w in ("yes", "no")})
+        self.yes_ids, self.no_ids = yes_no_token_ids(self.vocab)
         self.vision = _session(directory / "vlm_vision.onnx", threads)
         self.decoder = _session(directory / "vlm_decoder.onnx", threads)
 

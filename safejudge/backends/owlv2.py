@@ -22,7 +22,9 @@ class Owlv2Detector:
         self.model_id = model_id
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, threads: int | None = None, model_id: str | None = None) -> Owlv2Detector:
+    def from_pretrained(
+        cls, source: str | Path, threads: int | None = None, model_id: str | None = None
+    ) -> Owlv2Detector:
         if threads is not None:
             torch.set_num_threads(threads)
         source = str(source)

@@ -84,14 +84,20 @@ def _hf_mllm(argument: str, spec: ModelSpec) -> MLLM:
     from safejudge.backends.hf import HFVisionLanguageModel
 
     source = _local_or_hub("mllm", argument)
-    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=spec.mllm)
+    return HFVisionLanguageModel.from_pretrained(
+        source, dtype=spec.dtype, threads=spec.threads, model_id=f"{spec.mllm}@{spec.dtype}"
+    )
 
 
 def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
     from safejudge.backends.hf import HFVisionLanguageModel
 
+    from safejudge.backends.tiny import TINY_VERSION
+
     source = _tiny("mllm", argument, ("qwen2-vl", "idefics3"))
-    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=spec.mllm)
+    # The id keys compiled priors: it must change with the weights' version and the dtype.
+    model_id = f"{spec.mllm}-v{TINY_VERSION}@{spec.dtype}"
+    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=model_id)
 
 
 def _trtllm_mllm(argument: str, spec: ModelSpec) -> MLLM:
@@ -105,7 +111,9 @@ def _onnx_relevance(argument: str, spec: ModelSpec) -> RelevanceEncoder:
 
     directory = Path(argument).expanduser()
     if not directory.is_dir():
-        raise ModelSpecError(f"relevance directory {argument!r} does not exist; make it with engine_build/export_clip.py")
+        raise ModelSpecError(
+            f"relevance directory {argument!r} does not exist; make it with engine_build/export_clip.py"
+        )
     return OnnxClipEncoder(directory, threads=spec.threads, model_id=spec.relevance)
 
 
@@ -121,16 +129,22 @@ def _tiny_relevance(argument: str, spec: ModelSpec) -> RelevanceEncoder:
 def _owlv2_detector(argument: str, spec: ModelSpec) -> Detector:
     from safejudge.backends.owlv2 import Owlv2Detector
 
-    return Owlv2Detector.from_pretrained(_local_or_hub("detector", argument), threads=spec.threads, model_id=spec.detector)
+    source = _local_or_hub("detector", argument)
+    return Owlv2Detector.from_pretrained(source, threads=spec.threads, model_id=spec.detector)
 
 
 def _tiny_detector(argument: str, spec: ModelSpec) -> Detector:
     from safejudge.backends.owlv2 import Owlv2Detector
 
-    return Owlv2Detector.from_pretrained(_tiny("detector", argument, ("owlv2",)), threads=spec.threads, model_id=spec.detector)
+    source = _tiny("detector", argument, ("owlv2",))
+    return Owlv2Detector.from_pretrained(source, threads=spec.threads, model_id=spec.detector)
 
 
-MLLM_LOADERS: dict[str, Callable[[str, ModelSpec], MLLM]] = {"hf": _hf_mllm, "tiny": _tiny_mllm, "trtllm": _trtllm_mllm}
+MLLM_LOADERS: dict[str, Callable[[str, ModelSpec], MLLM]] = {
+    "hf": _hf_mllm,
+    "tiny": _tiny_mllm,
+    "trtllm": _trtllm_mllm,
+}
 RELEVANCE_LOADERS: dict[str, Callable[[str, ModelSpec], RelevanceEncoder]] = {
     "onnx": _onnx_relevance,
     "tiny": _tiny_relevance,
@@ -141,23 +155,26 @@ for _role, _loaders in (("mllm", MLLM_LOADERS), ("relevance", RELEVANCE_LOADERS)
     _loaders["demo"] = lambda argument, spec, role=_role: __import__("safejudge.backends.onnx_demo", fromlist=["demo_loader"]).demo_loader(role, argument, spec.threads)
 
 
+def _load(role: str, value: str, loaders: dict, spec: ModelSpec):
+    scheme, argument = _split(role, value, loaders)
+    try:
+        return loaders[scheme](argument, spec)
+    except ModelSpecError:
+        raise
+    except (OSError, ValueError) as exc:  # unreachable hub, missing or unrecognised model files
+        raise ModelSpecError(f"cannot load {role} {value!r}: {exc}") from exc
+
+
 def load_mllm(spec: ModelSpec) -> MLLM:
-    scheme, argument = _split("mllm", spec.mllm, MLLM_LOADERS)
-    return MLLM_LOADERS[scheme](argument, spec)
+    return _load("mllm", spec.mllm, MLLM_LOADERS, spec)
 
 
 def load_relevance(spec: ModelSpec) -> RelevanceEncoder | None:
-    if spec.relevance is None:
-        return None
-    scheme, argument = _split("relevance", spec.relevance, RELEVANCE_LOADERS)
-    return RELEVANCE_LOADERS[scheme](argument, spec)
+    return None if spec.relevance is None else _load("relevance", spec.relevance, RELEVANCE_LOADERS, spec)
 
 
 def load_detector(spec: ModelSpec) -> Detector | None:
-    if spec.detector is None:
-        return None
-    scheme, argument = _split("detector", spec.detector, DETECTOR_LOADERS)
-    return DETECTOR_LOADERS[scheme](argument, spec)
+    return None if spec.detector is None else _load("detector", spec.detector, DETECTOR_LOADERS, spec)
 
 
 def load_models(spec: ModelSpec) -> Models:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safejudge.prompts import REASON_STEP, REASON_SUMMARY, SYSTEM, YES_NO
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 SEED = 0
 # Wide init spreads yes/no answers over (0, 1) and makes the image matter; the default 0.02 puts every
 # answer near 0.58, which no test could tell from a broken pipeline.
@@ -108,13 +108,12 @@ def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = VOCAB_SIZE)
 def _fast_tokenizer(special_tokens: list[str], chat_template: str | None, **kwargs):
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=train_bpe_tokenizer(special_tokens),
         padding_side="left",
         chat_template=chat_template,
         **kwargs,
     )
-    return tokenizer
 
 
 def _seed(seed: int) -> None:
@@ -270,7 +269,12 @@ def _build_clip(out: Path, seed: int) -> None:
             pad_token_id=eos,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=16,
         initializer_factor=1.0,
@@ -300,7 +304,12 @@ def _build_owlv2(out: Path, seed: int) -> None:
             pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
         ),
         projection_dim=32,  # OWLv2's class head compares text embeddings at the text width
         # At full scale random box heads saturate (every box a corner or the whole image); at 0.1 boxes stay
@@ -330,14 +339,7 @@ def _check_name(name: str) -> None:
 def build_tiny_model(name: str, out: Path, seed: int = SEED) -> Path:
     """Build one tiny model into `out` (which must not exist yet); the same seed gives the same files."""
     _check_name(name)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        TINY_BUILDERS[name](out, seed)
-    finally:
-        torch.set_num_threads(threads)
+    TINY_BUILDERS[name](out, seed)
     return out
 
 
