@@ -385,5 +385,57 @@ def calibrate_command(
         typer.echo(f"{plot}: precision-recall of {len(points)} threshold settings")
 
 
+@app.command("bench")
+def bench_command(
+    mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec; tiny:qwen2-vl-2b-shape for real-size cost"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    constitution: Path = typer.Option(Path("constitutions/os-bench.yaml"), help="constitution YAML"),
+    images: int = typer.Option(6, help="distinct images for the engine and the server"),
+    sequential_images: int = typer.Option(2, help="images for the sequential reference (slow)"),
+    image_size: int = typer.Option(448, help="image side in pixels"),
+    concurrency: str = typer.Option("1,2,4,8", help="served concurrency levels"),
+    requests: int = typer.Option(8, help="requests per concurrency level"),
+    rules: str = typer.Option("5,14,30,60", help="constitution sizes for the growth curve"),
+    sizes: str = typer.Option("224,448,896", help="image sides for the growth curve"),
+    served: bool = typer.Option(True, help="also measure the engine served through Triton"),
+    mllm_instances: int = typer.Option(1, help="MLLM stage instances on the server"),
+    results: Path = typer.Option(Path("benchmarks/RESULTS.md"), help="Markdown file the report is appended to"),
+) -> None:
+    """Sequential reference vs engine in process vs engine served, same model and images; fails on any
+    verdict disagreement."""
+    from pydantic import ValidationError
+
+    from safejudge.backends.registry import ModelSpec
+    from safejudge.bench import BenchSettings, VerdictMismatch, run_bench
+
+    def numbers(text: str, name: str) -> list[int]:
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            fail(f"--{name} must be comma-separated integers, not {text!r}")
+
+    try:
+        settings = BenchSettings(
+            models=ModelSpec(mllm=mllm, relevance=None, dtype=dtype),
+            constitution=constitution,
+            images=images,
+            sequential_images=sequential_images,
+            image_size=image_size,
+            concurrency=numbers(concurrency, "concurrency"),
+            requests_per_level=requests,
+            rule_counts=numbers(rules, "rules"),
+            image_sizes=numbers(sizes, "sizes"),
+            served=served,
+            mllm_instances=mllm_instances,
+            results=results,
+            plots=results.parent,
+        )
+        typer.echo(run_bench(settings, log=lambda line: typer.echo(line, err=True)))
+    except (ValidationError, ConstitutionError) as exc:
+        fail(str(exc))
+    except VerdictMismatch as exc:
+        fail(f"verdicts disagree, benchmark invalid: {exc}", code=1)
+
+
 if __name__ == "__main__":
     app()

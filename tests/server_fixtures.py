@@ -7,7 +7,9 @@ the same on-disk cache as `tiny_models` here, so served and in-process results c
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +29,16 @@ def tiny_models() -> Models:
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def served_constitutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory the server serves: a copy of the shipped constitutions that tests may add files to."""
+    directory = tmp_path_factory.mktemp("constitutions")
+    for path in CONSTITUTIONS.glob("*.yaml"):
+        shutil.copy(path, directory / path.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory, served_constitutions: Path) -> Iterator[TritonServer]:
     """The full pipeline (safety_judge, preprocess, relevance, judge, mllm) with the shipped constitutions.
 
     A fresh compiled-constitution cache, so the served compile path runs too. Stopped, and its /dev/shm
@@ -35,11 +46,12 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
     """
     settings = ServeSettings(
         models=ModelSpec(threads=1),
-        constitutions=CONSTITUTIONS,
+        constitutions=served_constitutions,
         cache_dir=tmp_path_factory.mktemp("compiled"),
         grpc_port=0,
         http_port=0,
         metrics_port=0,
+        judge_instances=2,  # concurrent requests then meet in the mllm stage's dynamic batcher
         ready_timeout=READY_TIMEOUT_S,
     )
     server = settings.server()

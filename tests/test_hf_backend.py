@@ -58,10 +58,12 @@ def test_shared_prefix_scoring_equals_full_forward_per_question(mllm, image):
     np.testing.assert_allclose(scores, full_forward_scores(mllm, image, STATEMENTS), atol=1e-5, rtol=0)
 
 
-def test_batch_chunks_and_single_questions_give_the_same_scores(mllm, monkeypatch):
+def test_several_packs_and_single_questions_give_the_same_scores(mllm, monkeypatch):
     together = mllm.score(IMAGE, STATEMENTS)
-    monkeypatch.setattr(mllm, "max_batch", 2)
-    np.testing.assert_allclose(mllm.score(IMAGE, STATEMENTS), together, atol=1e-6, rtol=0)
+    monkeypatch.setattr(mllm, "max_pack_tokens", 20)  # a few questions per forward
+    before = mllm.stats.copy()
+    np.testing.assert_allclose(mllm.score(IMAGE, STATEMENTS), together, atol=1e-5, rtol=0)
+    assert (mllm.stats - before).forward_passes > 2
     alone = np.concatenate([mllm.score(IMAGE, [s]) for s in STATEMENTS])
     np.testing.assert_allclose(alone, together, atol=1e-5, rtol=0)
 
@@ -223,6 +225,5 @@ def test_scoring_counts_forward_passes_and_tokens_against_the_minimum():
     mllm.score(image, questions)
     used = mllm.stats - before
     minimum = mllm.minimum_tokens(image, questions)
-    assert used.forward_passes == 2  # the shared prefix once, then every suffix in one batch
-    # Right padding is the only waste: each suffix is padded to the longest.
-    assert minimum < used.tokens_processed < minimum + len(questions) * 12
+    assert used.forward_passes == 2  # the shared prefix once, then every suffix packed into one row
+    assert used.tokens_processed == minimum  # packing wastes nothing on padding

@@ -198,15 +198,26 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+# name: (IMAGE or None for a good one, CONSTITUTION or None, OPTIONS or None, expected message part)
 BAD_REQUESTS = {
     "garbage bytes": (b"definitely not an image", None, None, "cannot identify image file"),
     "truncated png": (truncated_png(), None, None, "image is truncated or corrupt"),
     "zero bytes": (b"", None, None, "image is empty (0 bytes)"),
-    "unknown constitution": (None, "no-such-constitution", None, "unknown constitution 'no-such-constitution'; known: "),
+    "unknown constitution": (None, "nope", None, "unknown constitution 'nope'; known: "),
     "options not json": (None, None, "{not json", "OPTIONS is not valid JudgeOptions JSON: "),
     "unknown option": (None, None, '{"evidense": "full"}', "evidense: Extra inputs are not permitted"),
-    "option out of range": (None, None, '{"max_reasoning_calls": -1}', "max_reasoning_calls: Input should be greater than or equal to 0"),
-    "threshold out of range": (None, None, '{"thresholds": {"relevance": 3.0}}', "thresholds: relevance: Input should be less than or equal to 1"),
+    "option out of range": (
+        None,
+        None,
+        '{"max_reasoning_calls": -1}',
+        "max_reasoning_calls: Input should be greater than or equal to 0",
+    ),
+    "threshold out of range": (
+        None,
+        None,
+        '{"thresholds": {"relevance": 3.0}}',
+        "thresholds: relevance: Input should be less than or equal to 1",
+    ),
 }
 
 
@@ -219,6 +230,36 @@ def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(triton_s
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
     assert message in raised.value.message()
     assert infer_raw(triton_server.url, good_image, good_constitution).constitution == good_constitution
+
+
+HOT_RELOAD_CONSTITUTION = """
+name: hot-reload
+version: "{version}"
+rules:
+  - id: red-object
+    title: A red object
+    category: test
+    severity: low
+    text: A red object is visible.
+    preconditions:
+      - A red object is visible
+"""
+
+
+def test_a_new_or_edited_constitution_is_served_without_restart(triton_server, served_constitutions):
+    path = served_constitutions / "hot-reload.yaml"
+    image = IMAGES["png-64x48"]
+    try:
+        with pytest.raises(InferenceServerException, match="unknown constitution 'hot-reload'"):
+            infer_raw(triton_server.url, image, "hot-reload")
+        path.write_text(HOT_RELOAD_CONSTITUTION.format(version="1.0"))
+        first = infer_raw(triton_server.url, image, "hot-reload", '{"relevance_filter": false}')
+        assert (first.constitution, first.constitution_version) == ("hot-reload", "1.0")
+        assert first.rules_considered == ["red-object"]
+        path.write_text(HOT_RELOAD_CONSTITUTION.format(version="2.0.0"))
+        assert infer_raw(triton_server.url, image, "hot-reload").constitution_version == "2.0.0"
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models):

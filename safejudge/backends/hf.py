@@ -77,7 +77,7 @@ class HFVisionLanguageModel:
         processor,
         model_id: str,
         max_new_tokens: int = 128,
-        max_batch: int = 32,
+        max_pack_tokens: int = 4096,
     ):
         self.model = model
         self.processor = processor
@@ -85,7 +85,7 @@ class HFVisionLanguageModel:
         self.tokenizer.padding_side = "left"  # generation appends on the right
         self.model_id = model_id
         self.max_new_tokens = max_new_tokens
-        self.max_batch = max_batch
+        self.max_pack_tokens = max_pack_tokens
         self.yes_ids, self.no_ids = yes_no_token_ids(self.tokenizer.get_vocab())
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -102,11 +102,11 @@ class HFVisionLanguageModel:
         dtype: Literal["float32", "bfloat16"] = "float32",
         threads: int | None = None,
         max_new_tokens: int = 128,
-        max_batch: int = 32,
+        max_pack_tokens: int = 4096,
         model_id: str | None = None,
     ) -> HFVisionLanguageModel:
         """Load by hub id or local directory. threads sets torch's (process-wide) intra-op thread count;
-        max_batch bounds how many question suffixes share one forward (memory: one KV-cache copy each)."""
+        max_pack_tokens bounds the question tokens packed into one forward (the mask grows with its square)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if threads is not None:
@@ -116,7 +116,7 @@ class HFVisionLanguageModel:
         processor_class = PROCESSORS.get(config.model_type, AutoProcessor)
         processor = processor_class.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]).eval()
-        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens, max_batch=max_batch)
+        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens, max_pack_tokens=max_pack_tokens)
 
     # -- prompts ---------------------------------------------------------------------------------------
 
@@ -173,28 +173,44 @@ class HFVisionLanguageModel:
         return output.cache, next_position
 
     def _suffix_logits(self, cache, prefix_length: int, next_position: int, suffixes: list[list[int]]) -> torch.Tensor:
-        """Last-token logits of each suffix run on its own copy of the prefix cache (right padding)."""
-        count, longest = len(suffixes), max(len(s) for s in suffixes)
-        input_ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
-        suffix_mask = torch.zeros((count, longest), dtype=torch.long)
-        for row, suffix in enumerate(suffixes):
-            input_ids[row, : len(suffix)] = torch.tensor(suffix)
-            suffix_mask[row, : len(suffix)] = 1
-        batch_cache = copy.deepcopy(cache)
-        batch_cache.batch_repeat_interleave(count)
-        attention_mask = torch.cat([torch.ones((count, prefix_length), dtype=torch.long), suffix_mask], dim=1)
-        position_ids = (next_position + torch.arange(longest)).expand(count, longest)
+        """Last-token logits of each suffix, all packed into ONE row after the prefix cache.
+
+        A block-diagonal causal mask lets each suffix see the prefix and itself only, and each suffix's
+        positions restart right after the prefix, so every suffix computes exactly what it would alone:
+        no padding, no per-question copy of the cache, one forward for all questions.
+        """
+        lengths = [len(s) for s in suffixes]
+        total = sum(lengths)
+        input_ids = torch.tensor([token for suffix in suffixes for token in suffix])[None]
+        position_ids = torch.cat([next_position + torch.arange(n) for n in lengths])[None]
+        allowed = torch.zeros((total, prefix_length + total), dtype=torch.bool)
+        allowed[:, :prefix_length] = True
+        ends, start = [], 0
+        for n in lengths:
+            allowed[start : start + n, prefix_length + start : prefix_length + start + n] = torch.tril(
+                torch.ones((n, n), dtype=torch.bool)
+            )
+            start += n
+            ends.append(start - 1)
         logits = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=allowed[None, None],
             position_ids=position_ids,
-            cache=batch_cache,
+            cache=copy.deepcopy(cache),  # the packed tokens are appended to the copy, the prefix stays clean
             use_cache=True,
         ).logits
         self.stats.forward_passes += 1
-        self.stats.tokens_processed += count * longest
-        last = suffix_mask.sum(dim=1) - 1
-        return logits[torch.arange(count), last]
+        self.stats.tokens_processed += total
+        return logits[0, ends]
+
+    def _packs(self, suffixes: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive groups of suffixes of at most max_pack_tokens tokens each (bounds mask memory)."""
+        packs: list[list[list[int]]] = [[]]
+        for suffix in suffixes:
+            if packs[-1] and sum(map(len, packs[-1])) + len(suffix) > self.max_pack_tokens:
+                packs.append([])
+            packs[-1].append(suffix)
+        return packs
 
     def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
         """M = P(Yes)/(P(Yes)+P(No)) per precondition statement; the image (or none) is prefilled once."""
@@ -206,10 +222,7 @@ class HFVisionLanguageModel:
             cache, next_position = self._prefill(prefix)
             prefix_length = prefix["input_ids"].shape[1]
             logits = torch.cat(
-                [
-                    self._suffix_logits(cache, prefix_length, next_position, suffixes[start : start + self.max_batch])
-                    for start in range(0, len(suffixes), self.max_batch)
-                ]
+                [self._suffix_logits(cache, prefix_length, next_position, pack) for pack in self._packs(suffixes)]
             )
         return yes_probability(logits.float().numpy(), self.yes_ids, self.no_ids)
 

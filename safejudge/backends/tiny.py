@@ -122,40 +122,57 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_qwen2_vl(out: Path, seed: int) -> None:
+# Qwen2-VL sizes: the test-sized one, and Qwen2-VL-2B-Instruct's published dimensions (random weights:
+# an honest stand-in for speed and memory, never for accuracy).
+QWEN2_VL_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3], vocab_size=None, max_position_embeddings=2048),
+        vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        initializer_range=INITIALIZER_RANGE,
+        # 56x56 to 112x112 pixels: 4 to 16 image tokens, so a test forward takes milliseconds.
+        pixels=(56 * 56, 112 * 112),
+    ),
+    "2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], vocab_size=151936,
+                  max_position_embeddings=32768),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        initializer_range=0.02,  # the real init: wide init overflows at this depth
+        # Up to 1024x1024 pixels: 448x448 gives 256 image tokens, as in the measured reference.
+        pixels=(56 * 56, 1024 * 1024),
+    ),
+}
+
+
+def _build_qwen2_vl(out: Path, seed: int, size: str = "tiny") -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from safejudge.backends.hf import Qwen2VLImageOnlyProcessor
 
+    dims = QWEN2_VL_SIZES[size]
     tokenizer = _fast_tokenizer(
         QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(dims["text"])
+    mrope_section = text.pop("mrope_section")
+    text["vocab_size"] = text["vocab_size"] or len(tokenizer)
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            initializer_range=INITIALIZER_RANGE,
+            **text,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            initializer_range=dims["initializer_range"],
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=64,
-            num_heads=2,
-            mlp_ratio=2,
+            **dims["vision"],
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            initializer_range=INITIALIZER_RANGE,
+            initializer_range=dims["initializer_range"],
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -164,8 +181,8 @@ def _build_qwen2_vl(out: Path, seed: int) -> None:
     )
     _seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    # 56x56 to 112x112 pixels: 4 to 16 image tokens, so a test forward takes milliseconds.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    min_pixels, max_pixels = dims["pixels"]
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = Qwen2VLImageOnlyProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
     )
@@ -325,6 +342,7 @@ def _build_owlv2(out: Path, seed: int) -> None:
 
 TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "qwen2-vl": _build_qwen2_vl,
+    "qwen2-vl-2b-shape": lambda out, seed: _build_qwen2_vl(out, seed, size="2b"),
     "idefics3": _build_idefics3,
     "clip": _build_clip,
     "owlv2": _build_owlv2,
@@ -366,7 +384,7 @@ def publish_atomically(target: Path, build: Callable[[Path], object]) -> Path:
 
 
 def ensure_tiny_model(name: str) -> Path:
-    """The directory of tiny model `name` ("qwen2-vl", "idefics3", "clip", "owlv2"), built on first use."""
+    """The directory of tiny model `name` (a key of TINY_BUILDERS), built on first use."""
     _check_name(name)
     return publish_atomically(cache_dir() / f"{name}-v{TINY_VERSION}", lambda out: build_tiny_model(name, out))
 
