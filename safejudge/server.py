@@ -323,8 +323,10 @@ class ServeSettings(BaseModel):
             "max_mllm_batch": str(self.max_mllm_batch),
         }
 
-    def server(self, **overrides: object) -> TritonServer:
-        options = dict(
+    def server(self) -> TritonServer:
+        """The (not yet started) server for these settings."""
+        return TritonServer(
+            self.repository,
             template_values=self.template_values(),
             host=self.host,
             grpc_port=self.grpc_port,
@@ -333,6 +335,4 @@ class ServeSettings(BaseModel):
             ready_timeout=self.ready_timeout,
             threads=self.threads_per_mllm(),
         )
-        options.update(overrides)
-        return TritonServer(self.repository, **options)
 

@@ -38,9 +38,12 @@ def served_constitutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory: pytest.TempPathFactory, served_constitutions: Path) -> Iterator[TritonServer]:
+def triton_server(
+    tmp_path_factory: pytest.TempPathFactory, served_constitutions: Path, tiny_models: Models
+) -> Iterator[TritonServer]:
     """The full pipeline (safety_judge, preprocess, relevance, judge, mllm) with the shipped constitutions.
 
+    tiny_models first: on a fresh machine the tiny models are built once here, not by every stub at once.
     A fresh compiled-constitution cache, so the served compile path runs too. Stopped, and its /dev/shm
     regions checked gone, at the end of the session.
     """

@@ -395,7 +395,7 @@ def test_registry_trtllm_scheme_checks_the_checkpoint_before_loading(tiny_dir, t
     (copy / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="tokenizer.json is missing"):
         load_mllm(ModelSpec(mllm=f"trtllm:{copy}?max_new_tokens=64", relevance=None))
-    with pytest.raises(ValidationError, match="max_num_tokens=100"):
+    with pytest.raises(ValueError, match="max_num_tokens=100"):
         load_mllm(ModelSpec(mllm=f"trtllm:{tiny_dir}?max_num_tokens=100", relevance=None))
 
 
