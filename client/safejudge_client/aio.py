@@ -11,13 +11,10 @@ from tritonclient.utils import InferenceServerException
 from typing_extensions import Self
 
 from safejudge_client.client import (
-    DEFAULT_MODEL,
-    DEFAULT_URL,
     ImageInput,
     Options,
-    RetryPolicy,
+    _Connection,
     build_inputs,
-    check_endpoint,
     parse_verdict,
     probe_failed,
 )
@@ -27,35 +24,11 @@ from safejudge_client.verdict import Verdict
 T = TypeVar("T")
 
 
-class AsyncJudgeClient:
+class AsyncJudgeClient(_Connection):
     """Judge images on a safejudge server from asyncio code; same timeouts, retries and errors as
     JudgeClient. Use `async with` or `await close()`."""
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout_s: float | None = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.2,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-        model_name: str = DEFAULT_MODEL,
-    ):
-        check_endpoint(url, timeout_s)
-        self.url = url
-        self.model_name = model_name
-        self.timeout_s = timeout_s
-        self.retry = RetryPolicy(retries, backoff_s)
-        self._client = aiogrpcclient.InferenceServerClient(
-            url,
-            ssl=ssl,
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
+    grpc_module = aiogrpcclient
 
     async def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         inputs = build_inputs(image, constitution, options)

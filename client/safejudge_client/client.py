@@ -126,13 +126,11 @@ def probe_failed(exc: InferenceServerException) -> JudgeError | None:
     return None if isinstance(error, (ServerUnavailable, DeadlineExceeded)) else error
 
 
-class JudgeClient:
-    """Judge images on a safejudge server over gRPC.
+class _Connection:
+    """What both clients share: endpoint, deadline, retry policy and the tritonclient connection
+    (`grpc_module` is tritonclient.grpc or tritonclient.grpc.aio)."""
 
-    timeout_s bounds each attempt (gRPC deadline; None: no deadline). Up to `retries` more attempts
-    follow an UNAVAILABLE answer, after backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds.
-    Thread-safe; use as a context manager or call close().
-    """
+    grpc_module: Any = grpcclient
 
     def __init__(
         self,
@@ -152,13 +150,22 @@ class JudgeClient:
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s)
-        self._client = grpcclient.InferenceServerClient(
+        self._client = self.grpc_module.InferenceServerClient(
             url,
             ssl=ssl,
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
         )
+
+
+class JudgeClient(_Connection):
+    """Judge images on a safejudge server over gRPC.
+
+    timeout_s bounds each attempt (gRPC deadline; None: no deadline). Up to `retries` more attempts
+    follow an UNAVAILABLE answer, after backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds.
+    Thread-safe; use as a context manager or call close().
+    """
 
     def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         """The verdict for one image (path, bytes of an image file, or PIL image) under a named constitution."""
