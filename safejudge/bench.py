@@ -8,6 +8,7 @@ count and image size; draws PNG plots. Any verdict disagreement fails the run.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import platform
@@ -39,6 +40,7 @@ class BenchSettings(BaseModel):
 
     models: ModelSpec = Field(default_factory=lambda: ModelSpec(relevance=None))
     constitution: Path = Path("constitutions/os-bench.yaml")
+    constitution_rules: int | None = Field(None, ge=1, description="judge only the first N rules (cycled if more)")
     images: int = Field(6, ge=1, description="distinct images for the engine and the server")
     sequential_images: int = Field(2, ge=1, description="images for the (slow) sequential reference")
     image_size: int = Field(448, ge=16)
@@ -257,6 +259,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> st
     """Run everything, check agreement, return the Markdown report (also appended to settings.results)."""
     command = "safejudge bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "run_bench(...)"
     base = load_constitution(settings.constitution)
+    if settings.constitution_rules:
+        base = scaled_constitution(base, settings.constitution_rules)
     log(f"loading {settings.models.mllm} ...")
     models = load_models(settings.models)
     compiled = compile_constitution(base, models)
@@ -271,12 +275,6 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> st
     batched = run_in_process("engine in process", judge_batched, images, compiled, models, options)
     check_agreement(batched, sequential)
 
-    served: list[Run] = []
-    if settings.served:
-        served = _served_runs(settings, base, images, log)
-        for run in served:
-            check_agreement(batched, run, run.order)
-
     log("cost growth with rule count ...")
     rule_points = []
     for count in settings.rule_counts:
@@ -288,6 +286,14 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> st
     for size in settings.image_sizes:
         sized = bench_images(settings.scaling_images, size, seed=1)
         size_points.append((size, run_in_process(f"{size}px", judge_batched, sized, compiled, models, options)))
+
+    served: list[Run] = []
+    if settings.served:
+        del models, compiled  # the server loads its own copy: do not hold two large models at once
+        gc.collect()
+        served = _served_runs(settings, base, images, log)
+        for run in served:
+            check_agreement(batched, run, run.order)
 
     report = _report(settings, command, base, sequential, batched, served, rule_points, size_points)
     _plots(settings, batched, served, rule_points)

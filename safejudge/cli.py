@@ -390,6 +390,7 @@ def bench_command(
     mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec; tiny:qwen2-vl-2b-shape for real-size cost"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
     constitution: Path = typer.Option(Path("constitutions/os-bench.yaml"), help="constitution YAML"),
+    constitution_rules: int = typer.Option(None, help="judge only the first N rules of the constitution"),
     images: int = typer.Option(6, help="distinct images for the engine and the server"),
     sequential_images: int = typer.Option(2, help="images for the sequential reference (slow)"),
     image_size: int = typer.Option(448, help="image side in pixels"),
@@ -418,6 +419,7 @@ def bench_command(
         settings = BenchSettings(
             models=ModelSpec(mllm=mllm, relevance=None, dtype=dtype),
             constitution=constitution,
+            constitution_rules=constitution_rules,
             images=images,
             sequential_images=sequential_images,
             image_size=image_size,
@@ -467,6 +469,7 @@ def perf_analyzer(
             url=url,
             models=ModelSpec(mllm=mllm, relevance=_optional_spec(relevance)),
             constitution=constitution,
+            constitution_rules=constitution_rules,
             images=images,
             image_size=image_size,
             concurrency_range=concurrency_range,
