@@ -10,4 +10,4 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/safejudge demo
+	$(VENV)/bin/safejudge demo --served

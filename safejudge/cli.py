@@ -115,6 +115,30 @@ def constitution_preconditions(
     typer.echo(rule_yaml(drafted), nl=False)
 
 
+DEMO_SPEC = "demo:toy"
+
+
+def _announce_demo_models(directory: Path) -> None:
+    """The demo models know only the toy world: say so, and which constitutions they will refuse."""
+    from safejudge.backends.onnx_demo import TOY_WARNING, inexpressible
+    from safejudge.compiled import all_statements
+    from safejudge.constitution import load_directory
+
+    typer.echo(f"NOTE: serving the demo models: {TOY_WARNING}. For real images use --mllm hf:<model> (README).")
+    try:
+        constitutions = load_directory(directory)
+    except ConstitutionError as exc:
+        typer.echo(f"  {exc}")
+        return
+    for name, constitution in constitutions.items():
+        problems = inexpressible(all_statements(constitution.enabled_rules))
+        if problems:
+            typer.echo(
+                f"  constitution {name!r} is refused (INVALID_ARGUMENT): {len(problems)} preconditions use words "
+                f"the demo vocabulary cannot express, e.g. {problems[0]}"
+            )
+
+
 def _optional_spec(value: str | None) -> str | None:
     return None if value is None or value.lower() == "none" else value
 
@@ -126,10 +150,11 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines"),
     mllm: str = typer.Option(
-        "tiny:qwen2-vl", help="MLLM: hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)"
+        "demo:toy",
+        help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
     ),
-    relevance: str = typer.Option("tiny:clip", help="relevance encoder: onnx:<dir> | tiny:clip | none"),
-    detector: str = typer.Option("none", help="Strategy 2 detector: owlv2:<hub id or dir> | tiny:owlv2 | none"),
+    relevance: str = typer.Option("demo:toy", help="relevance encoder: demo:toy | onnx:<dir> | tiny:clip | none"),
+    detector: str = typer.Option("demo:toy", help="Strategy 2 detector: demo:toy | owlv2:<hub id or dir> | tiny:owlv2 | none"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
     constitutions: Path = typer.Option(Path("constitutions"), help="directory of constitution YAML files"),
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
@@ -172,6 +197,8 @@ def serve(
         typer.echo(f"ready: gRPC {server.url}  HTTP {server.http_url}  metrics {server.metrics_url}")
         typer.echo("model: safety_judge (IMAGE, CONSTITUTION, OPTIONS -> VERDICT); Ctrl-C stops")
         typer.echo(f"server log: {server.log_path}  shared memory: /dev/shm/{server.shm_prefix}*")
+        if DEMO_SPEC in (mllm, relevance, detector):
+            _announce_demo_models(constitutions)
         code = server.wait()
         fail(f"tritonserver exited with code {code}; last log lines:\n{server.log_tail()}", code=1)
     except ServerError as exc:
@@ -300,23 +327,70 @@ def demo(
     scenes: int = typer.Option(8, min=1, max=500, help="how many generated scenes to judge"),
     seed: int = typer.Option(0, help="scene generator seed"),
     constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
+    served: bool = typer.Option(
+        False, "--served", help="start a Triton server with the demo models and judge over gRPC (the real path)"
+    ),
 ) -> None:
-    """Generate toy-world scenes and judge them in process with the toy demo models (batched CLUE)."""
+    """Generate toy-world scenes and judge them with the toy demo models (batched CLUE), in process or
+    through a real Triton server."""
     from rich.console import Console
 
     from safejudge.backends.onnx_demo import TOY_WARNING
-    from safejudge.evaluation import demo_table
+    from safejudge.evaluation import demo_scenes, demo_table
     from safejudge.toyworld import ToyVocabularyError
 
     constitution, models = _toy_setup(constitution_path)
+    console = Console(width=160)
+    console.print(f"Note: {TOY_WARNING}.")
     try:
-        table, correct, total = demo_table(constitution, models, scenes, seed)
+        items = demo_scenes(constitution, scenes, seed)
+        if served:
+            verdicts, title = _judge_served(constitution, [item.scene.image for item in items], console)
+        else:
+            from safejudge.compiled import compile_constitution
+            from safejudge.evaluators import judge_batched
+
+            compiled = compile_constitution(constitution, models)
+            verdicts = [judge_batched(item.scene.image, compiled, models) for item in items]
+            title = f"toy-world demo ({models.mllm.model_id}, batched CLUE in process)"
     except ToyVocabularyError as exc:
         fail(str(exc))
-    console = Console(width=160)
+    table, correct, total = demo_table(items, verdicts, title)
     console.print(table)
     console.print(f"{correct}/{total} verdicts name exactly the truly violated rules.")
-    console.print(f"Note: {TOY_WARNING}.")
+
+
+def _judge_served(constitution, images: list, console) -> tuple[list, str]:
+    """Serve the demo models on free ports with this constitution, judge every image over gRPC, stop."""
+    import io
+    import tempfile
+
+    import yaml
+
+    from safejudge.backends.registry import ModelSpec
+    from safejudge.server import ServerError, ServeSettings
+    from safejudge_client import JudgeClient
+
+    with tempfile.TemporaryDirectory(prefix="safejudge-demo-") as directory:
+        Path(directory, f"{constitution.name}.yaml").write_text(
+            yaml.safe_dump(constitution.model_dump(mode="json"), sort_keys=False)
+        )
+        settings = ServeSettings(
+            models=ModelSpec(mllm=DEMO_SPEC, relevance=DEMO_SPEC, detector=DEMO_SPEC),
+            constitutions=Path(directory), grpc_port=0, http_port=0, metrics_port=0,
+        )
+        console.print("starting a Triton server with the demo models ...")
+        try:
+            with settings.server() as server, JudgeClient(server.url, timeout_s=120) as client:
+                console.print(f"ready on {server.url}; judging {len(images)} scenes over gRPC")
+                verdicts = []
+                for image in images:
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    verdicts.append(client.judge(buffer.getvalue(), constitution.name))
+        except ServerError as exc:
+            fail(str(exc), code=1)
+    return verdicts, f"toy-world demo (served by Triton at {server.url}, batched CLUE)"
 
 
 @app.command("eval")

@@ -26,6 +26,7 @@ from safejudge.backends.base import Models
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, Rule
 from safejudge.evaluators import JudgeOptions, judge_batched
+from safejudge_client.verdict import Verdict
 from safejudge.toyworld import BENIGN, HAZARDS, Query, Scene, SceneError, SceneSpec, generate_scene, parse_statement
 
 Split = Literal["violating", "borderline", "benign"]
@@ -432,22 +433,24 @@ def report_tables(report: EvalReport) -> list:
     return [overall, per_rule]
 
 
-def demo_table(constitution: Constitution, models: Models, scenes: int, seed: int):
-    """Judge `scenes` generated scenes (a mix of rule violations, hard negatives and benign scenes)."""
-    from rich.table import Table
-
+def demo_scenes(constitution: Constitution, scenes: int, seed: int) -> list:
+    """`scenes` generated bench items: a mix of rule violations, hard negatives and benign scenes."""
     per_rule = max(1, -(-scenes // (2 * len(constitution.enabled_rules) + 1)))
     bench = make_bench(constitution, per_rule=per_rule, benign=per_rule, seed=seed)
-    picked = [bench[int(i)] for i in np.random.default_rng(seed).permutation(len(bench))[:scenes]]
-    compiled = compile_constitution(constitution, models)
-    table = Table(title=f"toy-world demo ({models.mllm.model_id}, batched CLUE)")
+    return [bench[int(i)] for i in np.random.default_rng(seed).permutation(len(bench))[:scenes]]
+
+
+def demo_table(items: Sequence, verdicts: Sequence[Verdict], title: str):
+    """A rich table of scenes, their truth and their verdicts; and how many verdicts were exactly right."""
+    from rich.table import Table
+
+    table = Table(title=title)
     for column in ("scene (ground truth)", "truly violated", "verdict", "violated rules", "reason"):
         table.add_column(column)
     correct = 0
-    for item in picked:
-        verdict = judge_batched(item.scene.image, compiled, models)
+    for item, verdict in zip(items, verdicts, strict=True):
         correct += set(verdict.violated_rule_ids) == set(item.violated)
         reason = "; ".join(f"{v.rule_id}: {v.reason}" for v in verdict.violations) or "no rule violated"
         table.add_row(item.scene.describe(), ", ".join(sorted(item.violated)) or "-",
                       "SAFE" if verdict.safe else "UNSAFE", ", ".join(verdict.violated_rule_ids) or "-", reason)
-    return table, correct, len(picked)
+    return table, correct, len(items)

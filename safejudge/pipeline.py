@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-from safejudge.backends.base import MLLM, Models
+from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance
 from safejudge.constitution import Thresholds
 from safejudge.evaluators import JudgeOptions, judge_batched
@@ -26,6 +26,11 @@ from safejudge.images import ImageError, decode_image
 from safejudge.store import ConstitutionStore, UnknownConstitution
 
 MODES = ("score", "reason", "id")
+
+
+# Triton 2.51 hands a BLS caller every error as INTERNAL; stages mark faults of the request with this tag
+# so that the caller can still answer INVALID_ARGUMENT.
+INVALID_REQUEST_TAG = "invalid request: "
 
 
 class InvalidRequest(ValueError):
@@ -91,11 +96,14 @@ class MLLMStage:
         if not questions:
             return np.zeros(0, dtype=np.float32), []
         image = None if pixels is None else pixels_image(pixels)
-        if mode == "score":
-            return np.asarray(self.mllm.score(image, list(questions)), dtype=np.float32), []
-        if image is None:
+        if mode == "reason" and image is None:
             raise InvalidRequest("MODE reason needs PIXELS")
-        return np.zeros(0, dtype=np.float32), list(self.mllm.reason(image, list(questions)))
+        try:
+            if mode == "score":
+                return np.asarray(self.mllm.score(image, list(questions)), dtype=np.float32), []
+            return np.zeros(0, dtype=np.float32), list(self.mllm.reason(image, list(questions)))
+        except UnsupportedQuestion as exc:
+            raise InvalidRequest(f"the model {self.mllm.model_id} cannot answer this: {exc}") from exc
 
 
 class RelevanceStage:

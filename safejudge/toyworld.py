@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from safejudge.backends.base import UnsupportedQuestion
+
 SCENE_SIZE = 96
 HAZARDS = ("flame", "knife", "pistol", "skull", "syringe", "blood", "bottle")
 BENIGN = ("tree", "house", "ball", "car", "flower", "person")
@@ -112,7 +114,7 @@ RELATION_WORDS = ("holding", "near", "dangerous", "and", "or")
 QueryKind = Literal["present", "holding", "near", "dangerous", "all", "any"]
 
 
-class ToyVocabularyError(ValueError):
+class ToyVocabularyError(UnsupportedQuestion):
     """A statement uses words the toy world does not know, or says something it cannot express."""
 
 
@@ -451,10 +453,6 @@ class _Canvas:
             if self.free(box) and where(box):
                 return self.draw(concept, rgba, x, y)
         return None
-
-
-def _overlap(a: Box, b: Box) -> int:
-    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _tight_box(mask: np.ndarray, left: int, top: int) -> Box:

@@ -10,6 +10,11 @@ import numpy as np
 from PIL import Image
 
 
+class UnsupportedQuestion(ValueError):
+    """A backend cannot ask this question at all (e.g. words outside a toy model's vocabulary): the
+    request is at fault, not the server."""
+
+
 @dataclass
 class MLLMStats:
     """Work counters a backend may keep (attribute `stats`), read by benchmarks as differences."""

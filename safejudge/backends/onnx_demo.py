@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +193,18 @@ def _connected(above: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
                 region[ny, nx] = True
                 queue.append((ny, nx))
     return region
+
+
+def inexpressible(statements: Iterable[str], directory: Path = DEMO_MODELS) -> list[str]:
+    """Why each statement that the demo vocabulary cannot express is refused (empty: all expressible)."""
+    tokenizer = ToyTokenizer(_vocabulary(directory))
+    problems = []
+    for text in statements:
+        try:
+            tokenizer.encode(text)
+        except ToyVocabularyError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def load_demo_models(directory: Path = DEMO_MODELS, threads: int = 1, detector: bool = True) -> Models:

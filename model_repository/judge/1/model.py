@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from safejudge.pipeline import InvalidRequest, JudgeStage, stage_parameters, stage_spec
+from safejudge.pipeline import INVALID_REQUEST_TAG, InvalidRequest, JudgeStage, stage_parameters, stage_spec
 
 
 class MLLMOverBLS:
@@ -33,7 +33,11 @@ class MLLMOverBLS:
             model_name="mllm", inputs=inputs, requested_output_names=[output]
         ).exec()
         if response.has_error():
-            raise RuntimeError(f"mllm stage failed: {response.error().message()}")
+            message = response.error().message()
+            # BLS reports every error as INTERNAL; the mllm stage marks the request's own faults.
+            if INVALID_REQUEST_TAG in message:
+                raise InvalidRequest(message.split(INVALID_REQUEST_TAG, 1)[1])
+            raise RuntimeError(f"mllm stage failed: {message}")
         return pb_utils.get_output_tensor_by_name(response, output).as_numpy()[0]
 
     def score(self, image, questions):

@@ -3,7 +3,7 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from safejudge.pipeline import InvalidRequest, MLLMStage, stage_parameters, stage_spec
+from safejudge.pipeline import INVALID_REQUEST_TAG, InvalidRequest, MLLMStage, stage_parameters, stage_spec
 
 
 class TritonPythonModel:
@@ -25,7 +25,9 @@ class TritonPythonModel:
                 mode.decode(),
             )
         except InvalidRequest as exc:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(INVALID_REQUEST_TAG + str(exc), pb_utils.TritonError.INVALID_ARG)
+            )
         return pb_utils.InferenceResponse(
             [
                 pb_utils.Tensor("SCORES", scores[np.newaxis]),
