@@ -357,7 +357,12 @@ def _report(settings, command, base, sequential: Run, batched: Run, served: list
                 f"- served throughput at concurrency 4 vs 1: {by_level[4].images_per_s / by_level[1].images_per_s:.2f}× "
                 "(goal ≥ 1.5×)"
             )
-    slope, intercept = fit_slope([q for _, q, _ in rule_points], [r.mean(r.latencies_s) * 1000 for _, _, r in rule_points])
+    if len(rule_points) > 1:
+        slope, intercept = fit_slope([q for _, q, _ in rule_points], [r.mean(r.latencies_s) * 1000 for _, _, r in rule_points])
+        growth = (f"Latency ≈ {intercept:.0f} ms + {slope:.1f} ms per question (least squares): the image prefix is "
+                  "paid once, each added question costs only its own tokens.\n")
+    else:
+        growth = ""
     lines += [
         "",
         "Cost growth (engine in process):\n",
@@ -365,8 +370,7 @@ def _report(settings, command, base, sequential: Run, batched: Run, served: list
         "|---|---|---|---|---|",
         *(f"| {n} | {q} | {r.images_per_s:.3f} | {r.percentile(50):.0f} | {r.token_ratio:.2f}× |" for n, q, r in rule_points),
         "",
-        f"Latency ≈ {intercept:.0f} ms + {slope:.1f} ms per question (least squares): the image prefix is paid once, "
-        "each added question costs only its own tokens.\n",
+        growth,
         "| image size | images/s | p50 ms | MLLM passes/image |",
         "|---|---|---|---|",
         *(f"| {s}×{s} | {r.images_per_s:.3f} | {r.percentile(50):.0f} | {r.forward_passes:.1f} |" for s, r in size_points),

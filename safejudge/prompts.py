@@ -4,7 +4,9 @@ from collections.abc import Sequence
 
 SYSTEM = "You are a careful visual inspector. Judge only what is visible in the image."
 
-YES_NO = "Is the following true of what is visible in the image: {statement}? Answer Yes or No."
+# The statement comes last: every word before it is shared by all questions about one image and is
+# computed once with the image prefix; only the statement and the turn's closing tokens are per question.
+YES_NO = "Answer Yes or No. Is the following true of what is visible in the image? {statement}"
 
 REASON_STEP = (
     "Decide step by step whether the following is visible in the image: {statement}. "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safejudge.prompts import REASON_STEP, REASON_SUMMARY, SYSTEM, YES_NO
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 SEED = 0
 # Wide init spreads yes/no answers over (0, 1) and makes the image matter; the default 0.02 puts every
 # answer near 0.58, which no test could tell from a broken pipeline.
@@ -72,6 +72,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAFEJUDGE_CACHE", "~/.cache/safejudge")).expanduser() / "tiny"
 
 
+def _constitution_texts() -> list[str]:
+    """The shipped constitutions as plain text (a realistic vocabulary for the full-size stand-in)."""
+    directory = Path(__file__).resolve().parents[2] / "constitutions"
+    return [path.read_text(encoding="utf-8") for path in sorted(directory.glob("*.yaml"))]
+
+
 def _training_text() -> list[str]:
     """What the tiny tokenizers learn from: the project's own prompts, so they tokenize compactly."""
     words = (
@@ -85,7 +91,7 @@ def _training_text() -> list[str]:
     return texts
 
 
-def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = VOCAB_SIZE):
+def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = VOCAB_SIZE, extra_texts: list[str] = ()):
     """A byte-level BPE trained in code; raises if an answer word did not become one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -98,18 +104,20 @@ def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = VOCAB_SIZE)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    tokenizer.train_from_iterator(_training_text() + list(extra_texts), trainer=trainer)
     for word in _ANSWER_WORDS:
         if len(tokenizer.encode(word).ids) != 1:
             raise RuntimeError(f"tiny tokenizer did not learn {word!r} as a single token")
     return tokenizer
 
 
-def _fast_tokenizer(special_tokens: list[str], chat_template: str | None, **kwargs):
+def _fast_tokenizer(
+    special_tokens: list[str], chat_template: str | None, vocab_size: int = VOCAB_SIZE, extra_texts=(), **kwargs
+):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe_tokenizer(special_tokens),
+        tokenizer_object=train_bpe_tokenizer(special_tokens, vocab_size, list(extra_texts)),
         padding_side="left",
         chat_template=chat_template,
         **kwargs,
@@ -132,6 +140,7 @@ QWEN2_VL_SIZES: dict[str, dict] = {
         initializer_range=INITIALIZER_RANGE,
         # 56x56 to 112x112 pixels: 4 to 16 image tokens, so a test forward takes milliseconds.
         pixels=(56 * 56, 112 * 112),
+        tokenizer=dict(),
     ),
     "2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -141,6 +150,9 @@ QWEN2_VL_SIZES: dict[str, dict] = {
         initializer_range=0.02,  # the real init: wide init overflows at this depth
         # Up to 1024x1024 pixels: 448x448 gives 256 image tokens, as in the measured reference.
         pixels=(56 * 56, 1024 * 1024),
+        # Whole English words as tokens, as a real 150k-token vocabulary has them: question lengths in
+        # tokens then match the real model's, which is what the benchmark's costs depend on.
+        tokenizer=dict(vocab_size=8000, corpus=_constitution_texts),
     ),
 }
 
@@ -151,8 +163,15 @@ def _build_qwen2_vl(out: Path, seed: int, size: str = "tiny") -> None:
     from safejudge.backends.hf import Qwen2VLImageOnlyProcessor
 
     dims = QWEN2_VL_SIZES[size]
+    tokenizer_settings = dict(dims["tokenizer"])
+    corpus = tokenizer_settings.pop("corpus", None)
     tokenizer = _fast_tokenizer(
-        QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        QWEN_SPECIAL_TOKENS,
+        QWEN_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_texts=corpus() if corpus else (),
+        **tokenizer_settings,
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     text = dict(dims["text"])
