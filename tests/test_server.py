@@ -189,29 +189,34 @@ def test_cli_serve_rejects_bad_flags_with_one_readable_line(tmp_path):
 
 
 def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
-    """`safejudge serve` end to end: ready line, one real verdict over gRPC, SIGTERM, clean exit."""
+    """`safejudge serve` end to end with its default (demo) models: ready line, the toy-model notice and the
+    refusal of a constitution the demo vocabulary cannot express, one real verdict over gRPC, SIGTERM,
+    clean exit."""
     constitutions = tmp_path / "constitutions"
     constitutions.mkdir()
-    (constitutions / "general.yaml").write_text((PROJECT_ROOT / "constitutions" / "general.yaml").read_text())
+    for name in ("general.yaml", "toy-world.yaml"):
+        (constitutions / name).write_text((PROJECT_ROOT / "constitutions" / name).read_text())
     command = [sys.executable, "-m", "safejudge.cli", "serve", "--grpc-port", "0", "--http-port", "0"]
-    command += ["--metrics-port", "0", "--relevance", "none", "--constitutions", str(constitutions)]
+    command += ["--metrics-port", "0", "--constitutions", str(constitutions)]
     command += ["--ready-timeout", "240"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in process.stdout:  # the CLI gives up by itself after --ready-timeout
             lines.append(line)
-            if line.startswith("server log:"):
+            if "is refused" in line:  # the last line printed at start
                 break
         output = "".join(lines)
         url = re.search(r"ready: gRPC (\S+)", output)
         shm_prefix = re.search(r"shared memory: (\S+)\*", output)
         assert url and shm_prefix, output
+        assert "NOTE: serving the demo models" in output and "constitution 'general' is refused" in output
         image = io.BytesIO()
-        Image.new("RGB", (32, 24), (200, 30, 30)).save(image, format="PNG")
+        Image.new("RGB", (96, 96), (200, 30, 30)).save(image, format="PNG")
         with JudgeClient(url.group(1)) as client:
-            verdict = client.judge(image.getvalue(), "general", {"max_reasoning_calls": 0})
-        assert verdict.constitution == "general" and verdict.rules_considered  # no relevance filter: all rules
+            verdict = client.judge(image.getvalue(), "toy-world", {"relevance_filter": False})
+        assert verdict.constitution == "toy-world" and verdict.rules_considered  # no relevance filter: all rules
+        assert verdict.model_id == "toy-vlm-demo"
         assert glob.glob(shm_prefix.group(1) + "*")
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
