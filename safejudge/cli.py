@@ -406,7 +406,8 @@ def evaluate_command(
     from rich.console import Console
 
     from safejudge.backends.onnx_demo import TOY_WARNING
-    from safejudge.evaluation import Calibration, evaluate, make_bench, methods, report_tables
+    from safejudge.calibration import Calibration
+    from safejudge.evaluation import evaluate, make_bench, methods, report_tables
     from safejudge.toyworld import ToyVocabularyError
 
     constitution, models = _toy_setup(constitution_path)
@@ -432,7 +433,9 @@ def evaluate_command(
 
 @app.command("calibrate")
 def calibrate_command(
-    out: Path = typer.Option(..., help="where to write the calibration JSON"),
+    out: Path = typer.Option(
+        ..., help="where to write the calibration JSON; <constitutions dir>/<name>.calibration.json is served"
+    ),
     constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
     per_rule: int = typer.Option(30, min=1, help="dev split size per rule (violating and borderline each)"),
     benign: int = typer.Option(30, min=0),

@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from safejudge.backends.base import Models
+from safejudge.calibration import Calibration
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, Rule
 from safejudge.evaluators import JudgeOptions, judge_batched
@@ -306,35 +307,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- calibration
-
-
-class Calibration(BaseModel):
-    """Thresholds fitted for one (model, constitution) on a labelled dev split."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model_id: str
-    constitution: str
-    constitution_hash: str
-    thresholds: dict[str, float]
-    dev_seed: int
-    dev_images: int
-    dev_f1: float
-    dev_reasoning_calls_per_image: float
-    default_f1: float = Field(description="F1 on the same dev split with the constitution's own thresholds")
-
-    def check(self, constitution: Constitution, model_id: str) -> None:
-        if (self.constitution, self.constitution_hash, self.model_id) != (
-            constitution.name, constitution.content_hash(), model_id,
-        ):
-            raise ValueError(
-                f"calibration is for constitution {self.constitution} ({self.constitution_hash}) with model "
-                f"{self.model_id}, not {constitution.name} ({constitution.content_hash()}) with {model_id}"
-            )
-
-    @classmethod
-    def load(cls, path: Path) -> Calibration:
-        return cls.model_validate_json(Path(path).read_text())
 
 
 class CalibrationPoint(BaseModel):

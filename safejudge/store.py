@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from safejudge import prompts
 from safejudge.backends.base import Models
+from safejudge.calibration import CALIBRATION_SUFFIX, Calibration
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, ConstitutionError, load_constitution
 
@@ -188,9 +189,25 @@ class ConstitutionStore:
             constitution = served[name]
             source, compiled = self._compiled.get(name, (None, None))
             if source is not constitution:  # first use, or the file changed since it was compiled
-                compiled, _ = compile_cached(constitution, self.models, self.cache_dir)
+                compiled, _ = compile_cached(self._calibrated(constitution), self.models, self.cache_dir)
                 self._compiled[name] = (constitution, compiled)
             return compiled
+
+    def _calibrated(self, constitution: Constitution) -> Constitution:
+        """The constitution with the thresholds of a `<anything>.calibration.json` in the directory that was
+        fitted for exactly this constitution (content hash) and this MLLM; unchanged if there is none."""
+        for path in sorted(self.directory.glob(f"*{CALIBRATION_SUFFIX}")):
+            try:
+                calibration = Calibration.load(path)
+                if calibration.constitution != constitution.name:
+                    continue
+                calibration.check(constitution, self.models.mllm.model_id)
+            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                logger.warning("%s: calibration not applied: %s", path.name, exc)
+                continue
+            logger.info("%s: calibrated thresholds %s", path.name, calibration.thresholds)
+            return calibration.applied_to(constitution)
+        return constitution
 
     def _refresh(self) -> dict[str, Constitution]:
         """Re-read changed files; the constitutions served now, by name (the first file wins a name clash)."""

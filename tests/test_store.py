@@ -304,3 +304,26 @@ def test_build_constitution_errors_exit_2(directory: Path, tmp_path: Path, scrip
     assert bad_spec.exit_code == 2
     assert bad_spec.stderr.startswith("error: invalid model spec: --mllm: unknown mllm scheme 'nope'")
     assert scripted_registry == []  # nothing was loaded
+
+
+def test_a_calibration_for_this_constitution_and_model_sets_its_thresholds(
+    directory: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safejudge.calibration import Calibration
+
+    constitution = parse_constitution(constitution_yaml())
+    fitted = dict(
+        constitution="demo", constitution_hash=constitution.content_hash(), thresholds={"beta": 0.4},
+        dev_seed=2, dev_images=10, dev_f1=0.9, dev_reasoning_calls_per_image=0.1, default_f1=0.8,
+    )
+    write(directory / "other-model.calibration.json",
+          Calibration(model_id="another-mllm", **fitted).model_dump_json())
+    store = ConstitutionStore(directory, scripted_models(), tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        assert store.get("demo").constitution.thresholds.beta == 0.6  # fitted for another model: ignored
+    assert "calibration not applied" in caplog.text and "another-mllm" in caplog.text
+
+    write(directory / "demo.calibration.json", Calibration(model_id="scripted-mllm", **fitted).model_dump_json())
+    restarted = ConstitutionStore(directory, scripted_models(), tmp_path / "cache")
+    calibrated = restarted.get("demo").constitution.thresholds
+    assert calibrated.beta == 0.4 and calibrated.alpha2_factor == 0.8
