@@ -546,7 +546,6 @@ def perf_analyzer(
             url=url,
             models=ModelSpec(mllm=mllm, relevance=_optional_spec(relevance)),
             constitution=constitution,
-            constitution_rules=constitution_rules,
             images=images,
             image_size=image_size,
             concurrency_range=concurrency_range,

@@ -10,7 +10,6 @@ import base64
 import json
 import struct
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from pydantic import ValidationError
