@@ -250,3 +250,4 @@ def test_unknown_option_is_rejected_by_name():
         JudgeOptions.model_validate({"max_reasoning": 3})
     with pytest.raises(ValueError, match="alpha2_factor"):
         JudgeOptions(thresholds={"alpha2_factor": 3.0}).thresholds_for(two_rule_constitution().thresholds)
+

@@ -112,3 +112,13 @@ def test_perf_analyzer_failure_is_reported_with_the_servers_message(triton_serve
                             measurement_interval_ms=500, max_trials=3, timeout_s=60, results=None)
     with pytest.raises(PerfAnalyzerError, match="no-such-constitution"):
         run_perf_analyzer(tool, triton_server.url, settings)
+
+
+def test_cli_rejects_bad_settings_with_one_line():
+    from typer.testing import CliRunner
+
+    from safejudge.cli import app
+
+    result = CliRunner().invoke(app, ["perf-analyzer", "--images", "0"])
+    assert result.exit_code == 2, result.output
+    assert "images" in result.output
