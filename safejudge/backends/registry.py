@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from safejudge.backends.base import MLLM, Detector, Models, RelevanceEncoder
 
@@ -34,24 +34,11 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1, description="intra-op threads per model; None: the library default")
 
-    @field_validator("mllm")
+    @field_validator("mllm", "relevance", "detector")
     @classmethod
-    def _known_mllm(cls, value: str) -> str:
-        _split("mllm", value, MLLM_LOADERS)
-        return value
-
-    @field_validator("relevance")
-    @classmethod
-    def _known_relevance(cls, value: str | None) -> str | None:
+    def _known_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            _split("relevance", value, RELEVANCE_LOADERS)
-        return value
-
-    @field_validator("detector")
-    @classmethod
-    def _known_detector(cls, value: str | None) -> str | None:
-        if value is not None:
-            _split("detector", value, DETECTOR_LOADERS)
+            _split(info.field_name, value, LOADERS[info.field_name])
         return value
 
 
@@ -151,15 +138,28 @@ RELEVANCE_LOADERS: dict[str, Callable[[str, ModelSpec], RelevanceEncoder]] = {
     "tiny": _tiny_relevance,
 }
 DETECTOR_LOADERS: dict[str, Callable[[str, ModelSpec], Detector]] = {"owlv2": _owlv2_detector, "tiny": _tiny_detector}
-# demo:toy — the project's toy-world models (toy scenes only, never real photos; backends/onnx_demo.py).
-for _role, _loaders in (("mllm", MLLM_LOADERS), ("relevance", RELEVANCE_LOADERS), ("detector", DETECTOR_LOADERS)):
-    _loaders["demo"] = lambda argument, spec, role=_role: __import__("safejudge.backends.onnx_demo", fromlist=["demo_loader"]).demo_loader(role, argument, spec.threads)
+LOADERS = {"mllm": MLLM_LOADERS, "relevance": RELEVANCE_LOADERS, "detector": DETECTOR_LOADERS}
 
 
-def _load(role: str, value: str, loaders: dict, spec: ModelSpec):
-    scheme, argument = _split(role, value, loaders)
+def _demo_loader(role: str) -> Callable:
+    """`demo:toy` — the project's toy-world models (toy scenes only, never real photos; backends/onnx_demo.py)."""
+
+    def load(argument: str, spec: ModelSpec):
+        from safejudge.backends.onnx_demo import demo_loader
+
+        return demo_loader(role, argument, spec.threads)
+
+    return load
+
+
+for _role, _loaders in LOADERS.items():
+    _loaders["demo"] = _demo_loader(_role)
+
+
+def _load(role: str, value: str, spec: ModelSpec):
+    scheme, argument = _split(role, value, LOADERS[role])
     try:
-        return loaders[scheme](argument, spec)
+        return LOADERS[role][scheme](argument, spec)
     except ModelSpecError:
         raise
     except (OSError, ValueError) as exc:  # unreachable hub, missing or unrecognised model files
@@ -167,15 +167,15 @@ def _load(role: str, value: str, loaders: dict, spec: ModelSpec):
 
 
 def load_mllm(spec: ModelSpec) -> MLLM:
-    return _load("mllm", spec.mllm, MLLM_LOADERS, spec)
+    return _load("mllm", spec.mllm, spec)
 
 
 def load_relevance(spec: ModelSpec) -> RelevanceEncoder | None:
-    return None if spec.relevance is None else _load("relevance", spec.relevance, RELEVANCE_LOADERS, spec)
+    return None if spec.relevance is None else _load("relevance", spec.relevance, spec)
 
 
 def load_detector(spec: ModelSpec) -> Detector | None:
-    return None if spec.detector is None else _load("detector", spec.detector, DETECTOR_LOADERS, spec)
+    return None if spec.detector is None else _load("detector", spec.detector, spec)
 
 
 def load_models(spec: ModelSpec) -> Models:
