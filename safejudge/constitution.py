@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -123,9 +124,10 @@ class Constitution(BaseModel):
     @model_validator(mode="after")
     def _unique_ids(self) -> Constitution:
         seen: set[str] = set()
-        for rule in self.rules:
+        for index, rule in enumerate(self.rules):
             if rule.id in seen:
-                raise ValueError(f"duplicate rule id {rule.id!r}")
+                # The location leads the message: a model-level check has no field of its own.
+                raise ValueError(f"rules[{index}].id: duplicate rule id {rule.id!r}")
             seen.add(rule.id)
         return self
 
@@ -147,6 +149,9 @@ class Constitution(BaseModel):
 
 class ConstitutionError(ValueError):
     """A constitution file that cannot be used; the message names file, line and field."""
+
+
+_DUPLICATE_AT = re.compile(r"^rules\[(\d+)\]\.id: (.*)$")
 
 
 def _node_lines(node: yaml.Node, path: tuple = (), lines: dict | None = None) -> dict[tuple, int]:
@@ -196,6 +201,9 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
         for error in exc.errors():
             loc = tuple(error["loc"])
             reason = error["msg"].removeprefix("Value error, ")
+            located = _DUPLICATE_AT.match(reason)
+            if located:
+                loc, reason = ("rules", int(located.group(1)), "id"), located.group(2)
             if error["type"] == "extra_forbidden":
                 reason = "unknown key"
             messages.append(f"{source}:{_line_for(loc, lines)}: {_format_loc(loc)}: {reason}")

@@ -56,7 +56,7 @@ def test_valid_constitution_normalises_items():
          "sample.yaml:21: rules[1].preconditions: must not be empty"),
         (("    severity: medium", "    severity: medium\n    colour: red"),
          "sample.yaml:20: rules[1].colour: unknown key"),
-        (("  - id: flame-house", "  - id: knife-held"), "sample.yaml:1: <root>: duplicate rule id 'knife-held'"),
+        (("  - id: flame-house", "  - id: knife-held"), "sample.yaml:16: rules[1].id: duplicate rule id 'knife-held'"),
         (("  beta: 0.5", "  beta: 2"), "sample.yaml:5: thresholds.beta: Input should be less than or equal to 1"),
         (("    title: Person holding a knife\n", ""), "sample.yaml:7: rules[0].title: Field required"),
         (("      - - {text: A knife", "      - - {txt: A knife"), "sample.yaml:13: rules[0].preconditions[1][0].txt: unknown key"),

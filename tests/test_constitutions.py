@@ -56,8 +56,9 @@ def test_general_covers_the_unsafebench_categories():
     assert {rule.category for rule in rules} == UNSAFEBENCH_CATEGORIES
 
 
-def _line_of(text: str, needle: str) -> int:
-    return text.splitlines().index(needle) + 1
+def _line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    lines = [number for number, line in enumerate(text.splitlines(), start=1) if line == needle]
+    return lines[occurrence - 1]
 
 
 def _check(tmp_path: Path, text: str) -> str:
@@ -87,5 +88,5 @@ def test_unknown_key_is_reported_at_its_line(tmp_path: Path):
 
 def test_duplicate_rule_id_is_reported(tmp_path: Path):
     broken = OS_BENCH.read_text().replace("id: uncovered-buttocks", "id: exposed-genitals")
-    line = _line_of(broken, "name: os-bench")
-    assert f"broken.yaml:{line}: <root>: duplicate rule id 'exposed-genitals'" in _check(tmp_path, broken)
+    line = _line_of(broken, "  - id: exposed-genitals", occurrence=2)
+    assert f"broken.yaml:{line}: rules[1].id: duplicate rule id 'exposed-genitals'" in _check(tmp_path, broken)
