@@ -212,7 +212,8 @@ def machine_facts(settings: BenchSettings) -> str:
 
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu_lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return (

@@ -62,7 +62,6 @@ def yes_probability(logits: np.ndarray, yes_ids: Iterable[int], no_ids: Iterable
 class QuickDecision:
     outcome: Outcome
     decided_by: DecidedBy
-    needs_strategy2: bool = False
 
 
 def quick_decision(score: float, prior: float, thresholds: Thresholds) -> QuickDecision:
@@ -72,7 +71,7 @@ def quick_decision(score: float, prior: float, thresholds: Thresholds) -> QuickD
         return QuickDecision(Outcome.FAILED, DecidedBy.ALPHA1)
     if delta > thresholds.alpha2_factor * (1.0 - prior):
         return QuickDecision(Outcome.SATISFIED, DecidedBy.ALPHA2)
-    return QuickDecision(Outcome.INCONCLUSIVE, DecidedBy.NONE, needs_strategy2=True)
+    return QuickDecision(Outcome.INCONCLUSIVE, DecidedBy.NONE)
 
 
 def strategy2_decision(score: float, score_without_center: float, thresholds: Thresholds) -> QuickDecision:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safejudge.backends.base import Detection, Models
 from safejudge.compiled import CompiledConstitution, all_statements
@@ -47,6 +47,16 @@ class JudgeOptions(BaseModel):
     fail_closed: bool = Field(
         True, description="garbage reasoning output or an exhausted budget counts as the content being visible"
     )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, overrides: dict[str, float]) -> dict[str, float]:
+        """Unknown names and out-of-range values are the request's error, found when it is parsed."""
+        try:
+            Thresholds().merged(overrides)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return overrides
 
     def thresholds_for(self, base: Thresholds) -> Thresholds:
         return base.merged(self.thresholds)

@@ -20,7 +20,6 @@ from pydantic import ValidationError
 
 from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance
-from safejudge.constitution import Thresholds
 from safejudge.evaluators import JudgeOptions, judge_batched
 from safejudge.images import ImageError, decode_image
 from safejudge.store import ConstitutionStore, UnknownConstitution
@@ -63,21 +62,19 @@ def pixels_image(pixels: np.ndarray) -> Image.Image:
 
 
 def _readable(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
 
 
 def parse_options(raw: bytes | None) -> JudgeOptions:
-    """OPTIONS JSON (absent: defaults) -> JudgeOptions, threshold overrides checked up front."""
+    """OPTIONS JSON (absent: defaults) -> JudgeOptions (threshold overrides included)."""
     if raw is None:
         return JudgeOptions()
     try:
         options = JudgeOptions.model_validate_json(raw)
     except ValidationError as exc:
         raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {_readable(exc)}") from exc
-    try:
-        options.thresholds_for(Thresholds())
-    except ValidationError as exc:
-        raise InvalidRequest(f"OPTIONS thresholds: {_readable(exc)}") from exc
     return options
 
 
