@@ -78,8 +78,9 @@ def test_sequential_and_batched_agree_for_any_scores(rules, with_image, prior, v
     reference = judge_sequential(IMAGE, compiled, models)
     engine = judge_batched(IMAGE, compiled, models)
     assert engine.decision() == reference.decision()
-    # Reasoning may run on more alternatives at once (in one batched call), but never in more MLLM calls.
-    assert engine.mllm_calls <= reference.mllm_calls
+    # The engine's calls are bounded by the image views, whatever the number of rules: one scoring call,
+    # one per detected central object (2 words here), one reasoning call per view (image + 2 crops).
+    assert engine.mllm_calls <= 1 + 2 + 3
 
 
 def two_rule_constitution() -> Constitution:
