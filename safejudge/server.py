@@ -22,7 +22,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
 
@@ -119,6 +119,7 @@ class TritonServer:
         threads: int | None = None,
         stub: Path | None = None,
         log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.repository = Path(repository)
         self.template_values = dict(template_values or {})
@@ -132,6 +133,7 @@ class TritonServer:
         self.threads = threads
         self.stub_override = stub
         self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)
         self.shm_prefix = f"safejudge_{uuid.uuid4().hex[:12]}_"
         self.run_dir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -203,6 +205,7 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
         ]
 
     def start(self) -> TritonServer:
