@@ -210,7 +210,9 @@ def _describe(a: Assessment) -> str:
     return f"'{a.text}' ({a.decided_by.value}: M={a.score:.2f}, prior {a.prior:.2f})"
 
 
-def _violation(rule: Rule, assessments: dict[tuple, Assessment], options: JudgeOptions) -> Violation:
+def _violation(
+    rule: Rule, assessments: dict[tuple, Assessment], options: JudgeOptions, frame: int = 0, frames: Sequence[int] = (0,)
+) -> Violation:
     evidence: list[PreconditionEvidence] = []
     reasons: list[str] = []
     for item_index, item in enumerate(rule.preconditions):
@@ -233,6 +235,7 @@ def _violation(rule: Rule, assessments: dict[tuple, Assessment], options: JudgeO
                     outcome=a.outcome,
                     decided_by=a.decided_by,
                     rationale=a.rationale,
+                    frame=frame,
                 )
             )
     return Violation(
@@ -242,6 +245,7 @@ def _violation(rule: Rule, assessments: dict[tuple, Assessment], options: JudgeO
         severity=rule.severity.value,
         reason="all preconditions hold: " + "; ".join(reasons),
         evidence=evidence if options.evidence == "full" else [],
+        frames=list(frames),
     )
 
 
@@ -343,21 +347,31 @@ def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list
     return list(pending.values())
 
 
-def judge_batched(
+@dataclass
+class _FrameResult:
+    """What one frame's judgement found: the relevance split and every precondition's assessment."""
+
+    relevant: list[Rule]
+    skipped: list[Rule]
+    assessments: dict[tuple, Assessment]
+
+    @property
+    def violated(self) -> list[Rule]:
+        return [rule for rule in self.relevant if _rule_outcome(rule, self.assessments) == Outcome.SATISFIED]
+
+
+def _judge_frame(
     image: Image.Image,
     compiled: CompiledConstitution,
     models: Models,
-    options: JudgeOptions | None = None,
-    image_embedding: np.ndarray | None = None,
-) -> Verdict:
-    """The engine: one scoring call for all questions of all relevant rules, priors from the compiled
-    constitution, then Strategy 2 and reasoning, each batched, only where a verdict still depends on it.
-
-    image_embedding: the image's relevance embedding when an earlier stage computed it."""
-    options = options or JudgeOptions()
-    thresholds = options.thresholds_for(compiled.constitution.thresholds)
-    started, clock, counter = time.perf_counter(), _Clock(), _CallCounter(models)
-
+    options: JudgeOptions,
+    thresholds: Thresholds,
+    counter: _CallCounter,
+    clock: _Clock,
+    image_embedding: np.ndarray | None,
+) -> _FrameResult:
+    """The engine on one image: one scoring call for all questions of all relevant rules, priors from the
+    compiled constitution, then Strategy 2 and reasoning, each batched, only where a verdict depends on it."""
     t = time.perf_counter()
     relevant, skipped = _relevant_rules(
         image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options, image_embedding
@@ -386,7 +400,96 @@ def judge_batched(
         t = time.perf_counter()
         _reason(image, pending, counter, options)
         clock.add("reasoning_ms", t)
-    return _verdict(compiled, relevant, skipped, assessments, counter, clock, options, "batched", started)
+    return _FrameResult(relevant, skipped, assessments)
+
+
+def judge_batched(
+    image: Image.Image,
+    compiled: CompiledConstitution,
+    models: Models,
+    options: JudgeOptions | None = None,
+    image_embedding: np.ndarray | None = None,
+) -> Verdict:
+    """The engine on one still image. image_embedding: its relevance embedding, when an earlier stage computed it."""
+    return judge_frames([image], compiled, models, options, None if image_embedding is None else [image_embedding])
+
+
+def judge_frames(
+    frames: Sequence[Image.Image],
+    compiled: CompiledConstitution,
+    models: Models,
+    options: JudgeOptions | None = None,
+    image_embeddings: Sequence[np.ndarray] | None = None,
+    frame_indices: Sequence[int] | None = None,
+    frame_count: int | None = None,
+) -> Verdict:
+    """The engine on the sampled frames of one image (a still image is one frame).
+
+    Each frame is judged as an image of its own, sharing the compiled constitution (priors, rule embeddings)
+    and one reasoning budget; a frame identical to an earlier one reuses its result. A rule is violated if it
+    is violated in any frame; its violation names those frames and carries the evidence of the first.
+    frame_indices are the frames' indices in the file (default 0, 1, ...), frame_count the file's frames.
+    """
+    if not frames:
+        raise ValueError("judge_frames needs at least one frame")
+    options = options or JudgeOptions()
+    indices = list(frame_indices) if frame_indices is not None else list(range(len(frames)))
+    if len(indices) != len(frames) or (image_embeddings is not None and len(image_embeddings) != len(frames)):
+        raise ValueError("frames, frame_indices and image_embeddings must have one entry per frame")
+    thresholds = options.thresholds_for(compiled.constitution.thresholds)
+    started, clock, counter = time.perf_counter(), _Clock(), _CallCounter(models)
+    results: list[_FrameResult] = []
+    seen: dict[bytes, _FrameResult] = {}
+    for position, frame in enumerate(frames):
+        # Animations often repeat a frame (a still GIF, a loop's end): judge its pixels once.
+        key = frame.tobytes() if len(frames) > 1 else b""
+        if key not in seen:
+            embedding = None if image_embeddings is None else image_embeddings[position]
+            seen[key] = _judge_frame(frame, compiled, models, options, thresholds, counter, clock, embedding)
+        results.append(seen[key])
+    return _verdict_of_frames(compiled, results, indices, frame_count or len(frames), counter, clock, options, started)
+
+
+def _verdict_of_frames(
+    compiled: CompiledConstitution,
+    results: list[_FrameResult],
+    indices: list[int],
+    frame_count: int,
+    counter: _CallCounter,
+    clock: _Clock,
+    options: JudgeOptions,
+    started: float,
+) -> Verdict:
+    violated_in: dict[str, list[int]] = {}
+    for result, index in zip(results, indices, strict=True):
+        for rule in result.violated:
+            violated_in.setdefault(rule.id, []).append(index)
+    violations = []
+    for rule in compiled.rules:
+        if rule.id in violated_in:
+            first = violated_in[rule.id][0]
+            violations.append(
+                _violation(rule, results[indices.index(first)].assessments, options, first, violated_in[rule.id])
+            )
+    considered = {rule.id for result in results for rule in result.relevant}
+    clock.add("total_ms", started)
+    constitution = compiled.constitution
+    return Verdict(
+        safe=not violations,
+        constitution=constitution.name,
+        constitution_version=constitution.version,
+        violations=violations,
+        rules_considered=[rule.id for rule in compiled.rules if rule.id in considered],
+        rules_skipped_by_relevance=[rule.id for rule in compiled.rules if rule.id not in considered],
+        mllm_calls=counter.calls,
+        questions_scored=counter.questions_scored,
+        reasoning_calls=counter.reasoning_calls,
+        evaluator="batched",
+        model_id=counter.models.mllm.model_id,
+        timing=clock.timing,
+        frame_count=frame_count,
+        frames_judged=indices,
+    )
 
 
 EVALUATORS: dict[str, Callable[..., Verdict]] = {"sequential": judge_sequential, "batched": judge_batched}

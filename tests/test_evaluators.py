@@ -272,3 +272,42 @@ def test_a_typographic_injection_the_model_obeys_is_flagged_not_passed():
     (evidence,) = verdict.violations[0].evidence
     assert evidence.decided_by == DecidedBy.REASONING_UNPARSED and evidence.outcome == Outcome.SATISFIED
     assert "no clear rating" in evidence.rationale
+
+
+class _PerFrameMLLM:
+    """Scores by frame colour: a red frame shows the statement, others do not."""
+
+    model_id = "per-frame"
+
+    def __init__(self):
+        self.image_calls = 0
+
+    def score(self, image, questions):
+        if image is None:
+            return np.full(len(questions), 0.5)
+        self.image_calls += 1
+        red = image.getpixel((0, 0)) == (255, 0, 0)
+        return np.full(len(questions), 0.99 if red else 0.01)
+
+    def reason(self, image, questions):
+        raise AssertionError("every frame is decided by the quick tests")
+
+
+def test_a_rule_violated_in_any_judged_frame_is_reported_with_its_frames():
+    from safejudge.evaluators import judge_frames
+
+    benign, red = Image.new("RGB", (32, 32), (0, 0, 255)), Image.new("RGB", (32, 32), (255, 0, 0))
+    constitution = make_constitution([[[(STATEMENTS[0], None)]]])
+    mllm = _PerFrameMLLM()
+    models = Models(mllm=mllm)
+    compiled = compile_constitution(constitution, models)
+    frames = [benign, red, benign.copy(), red.copy()]
+    verdict = judge_frames(frames, compiled, models, frame_indices=[0, 3, 6, 9], frame_count=10)
+    assert not verdict.safe and verdict.violations[0].frames == [3, 9]
+    assert verdict.frames_judged == [0, 3, 6, 9] and verdict.frame_count == 10
+    assert {e.frame for e in verdict.violations[0].evidence} == {3}
+    assert mllm.image_calls == 2, "identical frames are judged once"
+    assert judge_frames([benign, benign.copy()], compiled, models).safe
+    # A still image through judge_batched is one frame, index 0.
+    still = judge_batched(red, compiled, models)
+    assert still.frames_judged == [0] and still.violations[0].frames == [0]

@@ -48,6 +48,7 @@ class PreconditionEvidence(BaseModel):
     outcome: Outcome
     decided_by: DecidedBy
     rationale: str | None = None
+    frame: int = Field(0, description="file index of the frame this was measured on")
 
 
 class Violation(BaseModel):
@@ -61,6 +62,7 @@ class Violation(BaseModel):
     severity: str
     reason: str
     evidence: list[PreconditionEvidence] = Field(default_factory=list)
+    frames: list[int] = Field(default_factory=lambda: [0], description="file indices of the judged frames that violate it")
 
 
 class Timing(BaseModel):
@@ -92,6 +94,9 @@ class Verdict(BaseModel):
     evaluator: str = ""
     model_id: str = ""
     timing: Timing = Field(default_factory=Timing)
+    frame_count: int = Field(1, description="frames (pages) in the submitted file")
+    frames_judged: list[int] = Field(default_factory=lambda: [0], description="file indices of the frames judged")
+    request_id: str = ""
 
     @property
     def violated_rule_ids(self) -> list[str]:
