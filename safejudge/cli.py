@@ -8,6 +8,7 @@ from typing import NoReturn
 import typer
 
 from safejudge.constitution import ConstitutionError, load_constitution
+from safejudge.images import ImageLimits
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Judge images against a safety constitution.")
 constitution_app = typer.Typer(no_args_is_help=True, help="Validate, lint and author constitutions.")
@@ -149,16 +150,39 @@ def serve(
     http_port: int = typer.Option(8000, help="HTTP port (0: any free port)"),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines"),
+    http_host: str = typer.Option(None, help="address of the HTTP endpoint (no TLS; health probes) [default: --host]"),
     mllm: str = typer.Option(
         "demo:toy",
         help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
     ),
-    relevance: str = typer.Option("demo:toy", help="relevance encoder: demo:toy | onnx:<dir> | tiny:clip | none"),
-    detector: str = typer.Option("demo:toy", help="Strategy 2 detector: demo:toy | owlv2:<hub id or dir> | tiny:owlv2 | none"),
+    relevance: str = typer.Option(
+        "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
+    ),
+    detector: str = typer.Option(
+        "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
+    ),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
     constitutions: Path = typer.Option(Path("constitutions"), help="directory of constitution YAML files"),
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
-    judge_instances: int = typer.Option(1, help="instances of the preprocess, relevance and judge stages"),
+    judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
+    max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
+    request_timeout: float = typer.Option(
+        60.0, help="seconds a request may take when its client sets no deadline (then UNAVAILABLE)"
+    ),
+    frames: int = typer.Option(8, help="frames judged per animated image (first, last, evenly spaced)"),
+    max_request_frames: int = typer.Option(32, help="most frames a request may ask for (OPTIONS frames)"),
+    reasoning_calls: int = typer.Option(8, help="reasoning calls per image unless a request says otherwise"),
+    max_request_reasoning_calls: int = typer.Option(64, help="most reasoning calls a request may ask for"),
+    max_image_bytes: int = typer.Option(ImageLimits().max_bytes, help="largest encoded image accepted"),
+    max_image_pixels: int = typer.Option(ImageLimits().max_pixels, help="most pixels per frame"),
+    max_image_side: int = typer.Option(ImageLimits().max_side, help="longest side per frame, in pixels"),
+    max_image_frames: int = typer.Option(ImageLimits().max_frames, help="most frames (pages) in one file"),
+    tls_cert: Path = typer.Option(None, help="serve gRPC over TLS with this PEM certificate (with --tls-key)"),
+    tls_key: Path = typer.Option(None, help="the certificate's PEM private key"),
+    tls_ca: Path = typer.Option(None, help="mutual TLS: clients need a certificate signed by this PEM CA"),
+    auth_token_file: Path = typer.Option(
+        None, help="inference requests must carry 'authorization: Bearer <token in this file>' (health stays open)"
+    ),
     ready_timeout: float = typer.Option(300.0, help="seconds to wait for every model to load"),
 ) -> None:
     """Serve the `safety_judge` model on Triton (gRPC) until Ctrl-C or SIGTERM."""
@@ -166,25 +190,44 @@ def serve(
 
     from pydantic import ValidationError
 
-    from safejudge.backends.registry import ModelSpec
+    from safejudge.backends.registry import ModelSpecError, coherent_spec
+    from safejudge.pipeline import RequestLimits
     from safejudge.server import ServerError, ServeSettings
 
     try:
+        models, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
         settings = ServeSettings(
-            models=ModelSpec(
-                mllm=mllm, relevance=_optional_spec(relevance), detector=_optional_spec(detector), dtype=dtype
-            ),
+            models=models,
             constitutions=constitutions,
             host=host,
+            http_host=http_host,
             grpc_port=grpc_port,
             http_port=http_port,
             metrics_port=metrics_port,
             mllm_instances=mllm_instances,
             judge_instances=judge_instances,
+            max_queue=max_queue,
+            limits=RequestLimits(
+                image=ImageLimits(
+                    max_bytes=max_image_bytes, max_pixels=max_image_pixels, max_side=max_image_side,
+                    max_frames=max_image_frames,
+                ),
+                frames=frames,
+                max_request_frames=max_request_frames,
+                reasoning_calls=reasoning_calls,
+                max_request_reasoning_calls=max_request_reasoning_calls,
+                request_timeout_s=request_timeout,
+            ),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            auth_token_file=auth_token_file,
             ready_timeout=ready_timeout,
         )
         server = settings.server()
-    except (ValidationError, ServerError) as exc:
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except (ModelSpecError, ServerError) as exc:
         fail(str(exc))
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
@@ -192,12 +235,18 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
+        typer.echo(f"models: mllm {mllm}")
+        for note in notes:
+            typer.echo(f"  {note}")
         typer.echo(f"starting tritonserver (models load in the background; up to {ready_timeout:.0f} s) ...")
         server.start()
-        typer.echo(f"ready: gRPC {server.url}  HTTP {server.http_url}  metrics {server.metrics_url}")
+        server.supervisor.on_event = lambda message: typer.echo(f"supervisor: {message}", err=True)
+        security = "TLS" + (" (mutual)" if tls_ca else "") if tls_cert else "no TLS"
+        security += ", token required" if auth_token_file else ", no token"
+        typer.echo(f"ready: gRPC {server.url} ({security})  HTTP {server.http_url}  metrics {server.metrics_url}")
         typer.echo("model: safety_judge (IMAGE, CONSTITUTION, OPTIONS -> VERDICT); Ctrl-C stops")
         typer.echo(f"server log: {server.log_path}  shared memory: /dev/shm/{server.shm_prefix}*")
-        if DEMO_SPEC in (mllm, relevance, detector):
+        if mllm.startswith("demo:"):
             _announce_demo_models(constitutions)
         code = server.wait()
         fail(f"tritonserver exited with code {code}; last log lines:\n{server.log_tail()}", code=1)
@@ -208,6 +257,12 @@ def serve(
     finally:
         server.stop()
     typer.echo("stopped")
+
+
+def _validation_message(exc) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
 
 
 @build_app.command("constitution")

@@ -40,7 +40,12 @@ class JudgeOptions(BaseModel):
     thresholds: dict[str, float] = Field(
         default_factory=dict, description="overrides of the constitution's Thresholds fields"
     )
-    max_reasoning_calls: int | None = Field(None, ge=0, description="None: no limit")
+    max_reasoning_calls: int | None = Field(
+        None, ge=0, description="reasoning calls per image; None: no limit in process, the server's default when served"
+    )
+    frames: int | None = Field(
+        None, ge=1, description="frames of an animated image to judge; None: the default (8) or the server's"
+    )
     evidence: Literal["full", "none"] = "full"
     relevance_filter: bool = True
     strategy2: bool = True

@@ -17,11 +17,38 @@ MAX_SIDE = 16_384
 MIN_SIDE = 8
 
 
+from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_FRAMES = 8
+
+
+class ImageLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_bytes: int = MAX_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_side: int = MAX_SIDE
+    max_frames: int = 1000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    frames: list
+    frame_indices: list
+    frame_count: int
+    format: str
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), frames: int = DEFAULT_FRAMES) -> DecodedImage:
+    image = _decode_first(data)
+    return DecodedImage([image], [0], 1, "?")
+
+
 class ImageError(ValueError):
     """The submitted bytes are not an image this judge accepts; the message says why."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def _decode_first(data: bytes) -> Image.Image:
     """Validate and decode encoded image bytes into an RGB image, upright per its EXIF orientation."""
     if not data:
         raise ImageError("image is empty (0 bytes)")

@@ -12,7 +12,9 @@ deadline), and a killed server leaves /dev/shm regions behind (hence a unique pr
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,21 +22,30 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from safejudge.backends.registry import ModelSpec
+from safejudge.pipeline import JudgeStageSettings, RequestLimits
 from safejudge.store import default_cache_dir
+
+logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 SHM = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
+# The model-repository API (load, unload) is reserved to the launcher's supervisor: requests need this header.
+ADMIN_HEADER = "safejudge-admin"
+# Protocols a token guards; health (probes) and metadata stay open.
+TOKEN_PROTOCOLS = "inference,model-config,statistics,shared-memory,trace,logging"
 
 
 class ServerError(RuntimeError):
@@ -99,10 +110,119 @@ def _missing_libraries(binary: Path, env: Mapping[str, str]) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if "not found" in line]
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for gRPC over TLS; with `ca`, clients must present a certificate it signed (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One stage process that died and was brought back by the supervisor."""
+
+    model: str
+    pid: int
+    died_at: float
+    restored_at: float | None = None
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.restored_at is None else self.restored_at - self.died_at
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (Z: zombie), None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The live Python-backend stubs of one tritonserver: pid -> the model it runs."""
+    stubs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        # argv: <stub> <model dir>/<version>/model.py <shm region> ... <instance name> <...>
+        if int(stat[1]) == server_pid and stat[0] != "Z" and argv[0].endswith(STUB_NAME.encode()) and len(argv) > 1:
+            stubs[int(entry.name)] = Path(argv[1].decode()).parents[1].name
+    return stubs
+
+
+class StageSupervisor(threading.Thread):
+    """Brings a stage back after its process died (kill -9, OOM): Triton 2.51 itself never restarts a stub
+    and keeps reporting the model ready while every request to it fails.
+
+    Polls the stubs' pids; when one is gone its model is unloaded at once (readiness turns false: the
+    server runs with --strict-readiness) and loaded again through the model-control API.
+    """
+
+    def __init__(self, server: TritonServer, poll_s: float = 0.2):
+        super().__init__(name="safejudge-stage-supervisor", daemon=True)
+        self.server = server
+        self.poll_s = poll_s
+        self.recoveries: list[Recovery] = []
+        self.stopping = threading.Event()
+        self.on_event = lambda message: logger.warning("%s", message)
+
+    def run(self) -> None:
+        import tritonclient.http as httpclient
+
+        process = self.server.process
+        headers = {ADMIN_HEADER: self.server.admin_key}
+        with httpclient.InferenceServerClient(self.server.http_url, network_timeout=self.server.ready_timeout) as client:
+            stubs = stub_processes(process.pid)
+            while not self.stopping.wait(self.poll_s) and process.poll() is None:
+                dead = {pid: model for pid, model in stubs.items() if _process_state(pid) in (None, "Z")}
+                for model in dict.fromkeys(dead.values()):
+                    pid = next(p for p, m in dead.items() if m == model)
+                    self._restore(client, headers, model, pid)
+                if dead:
+                    stubs = stub_processes(process.pid)
+
+    def _restore(self, client, headers: dict[str, str], model: str, pid: int) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        died_at = time.monotonic()
+        self.on_event(f"stage {model} (pid {pid}) died; reloading it")
+        error = None
+        for attempt in range(5):
+            try:
+                client.unload_model(model, headers=headers)
+                client.load_model(model, headers=headers)
+                break
+            except InferenceServerException as exc:
+                error = str(exc)
+                self.on_event(f"stage {model}: reload attempt {attempt + 1} failed: {exc}")
+                if self.stopping.wait(2.0 * (attempt + 1)):
+                    return
+        else:
+            self.recoveries.append(Recovery(model, pid, died_at, None, error))
+            return
+        recovery = Recovery(model, pid, died_at, time.monotonic())
+        self.recoveries.append(recovery)
+        self.on_event(f"stage {model} restored in {recovery.seconds:.1f} s")
+
+
 class TritonServer:
-    """One tritonserver process: prepare, start, wait until ready, stop, clean up.
+    """One tritonserver process: prepare, start, wait until ready, supervise, stop, clean up.
 
     Ports given as 0 are replaced by free ports. Use as a context manager or call start()/stop().
+    Models are loaded through the model-control API (explicit mode), which only this launcher may use
+    (header ADMIN_HEADER with a per-server key); the supervisor reloads a stage whose process died.
+    `private_files` are written, readable by this user only, into a directory that config.pbtxt files
+    reach as `${private_dir}`. With `auth_token`, inference and the other non-health protocols need
+    `authorization: Bearer <token>` (HTTP) / `triton-grpc-protocol-authorization: Bearer <token>` (gRPC).
     """
 
     def __init__(
@@ -120,10 +240,16 @@ class TritonServer:
         stub: Path | None = None,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
+        private_files: Mapping[str, str] | None = None,
+        tls: TLSFiles | None = None,
+        auth_token: str | None = None,
+        http_host: str | None = None,
+        supervise: bool = True,
     ) -> None:
         self.repository = Path(repository)
         self.template_values = dict(template_values or {})
         self.host = host
+        self.http_host = http_host or host
         bind_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.grpc_port = grpc_port or free_port(bind_host)
         self.http_port = http_port or free_port(bind_host)
@@ -134,6 +260,13 @@ class TritonServer:
         self.stub_override = stub
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
+        self.private_files = dict(private_files or {})
+        self.tls = tls
+        self.auth_token = auth_token
+        self.admin_key = secrets.token_urlsafe(24)
+        self.supervisor: StageSupervisor | None = None
+        self.supervise = supervise
+        self._http_connect_host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
         self.shm_prefix = f"safejudge_{uuid.uuid4().hex[:12]}_"
         self.run_dir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -146,7 +279,7 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self._connect_host}:{self.http_port}"
+        return f"{self._http_connect_host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -187,14 +320,20 @@ class TritonServer:
         missing = _missing_libraries(stub, env)
         if missing:
             raise ServerError(f"the Python-backend stub {stub.name} cannot load: " + "; ".join(missing))
+        private = self.run_dir / "private"
+        private.mkdir(mode=0o700)
+        for name, content in self.private_files.items():
+            path = private / name
+            path.touch(mode=0o600)
+            path.write_text(content)
         models = self.run_dir / "models"
-        render_repository(self.repository, models, self.template_values)
+        render_repository(self.repository, models, {**self.template_values, "private_dir": str(private)})
         return [
             str(install.binary),
             f"--model-repository={models}",
             f"--backend-directory={self.run_dir / 'backends'}",
             f"--grpc-address={self.host}",
-            f"--http-address={self.host}",
+            f"--http-address={self.http_host}",
             f"--metrics-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
@@ -205,8 +344,29 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",
+            f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            f"--http-restricted-api=model-repository:{ADMIN_HEADER}={self.admin_key}",
+            *self._security_args(),
             *self.extra_args,
         ]
+
+    def _security_args(self) -> list[str]:
+        args = []
+        if self.auth_token is not None:
+            args += [
+                f"--grpc-restricted-protocol={TOKEN_PROTOCOLS}:authorization=Bearer {self.auth_token}",
+                f"--http-restricted-api={TOKEN_PROTOCOLS}:authorization=Bearer {self.auth_token}",
+            ]
+        if self.tls is not None:
+            args += [f"--grpc-server-cert={self.tls.cert}", f"--grpc-server-key={self.tls.key}"]
+            if self.tls.ca is not None:
+                args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.ca}"]
+            else:
+                args += ["--grpc-use-ssl=true"]
+        return args
 
     def start(self) -> TritonServer:
         if self.process is not None:
@@ -224,32 +384,39 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.supervise:
+            self.supervisor = StageSupervisor(self)
+            self.supervisor.start()
         return self
 
-    def _wait_until_ready(self) -> None:
-        import tritonclient.grpc as grpcclient
+    def is_ready(self) -> bool:
+        """Triton's own readiness (strict: every model loaded and ready), over HTTP like a probe."""
+        import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
+        try:
+            with httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0) as client:
+                return client.is_server_ready()
+        except (InferenceServerException, OSError):
+            return False
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
-        with grpcclient.InferenceServerClient(self.url) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise ServerError(
-                        f"tritonserver exited with code {self.process.returncode} while starting; "
-                        f"last log lines:\n{self.log_tail()}"
-                    )
-                try:
-                    # The gRPC port opens only after every model loaded: refused connections are expected.
-                    if client.is_server_ready(client_timeout=2.0):
-                        return
-                except InferenceServerException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise ServerError(
-                        f"tritonserver was not ready after {self.ready_timeout:.0f} s (a model or its stub may "
-                        f"hang while loading); last log lines:\n{self.log_tail()}"
-                    )
-                time.sleep(0.25)
+        while True:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            # The ports open only after every model loaded: refused connections are expected.
+            if self.is_ready():
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"tritonserver was not ready after {self.ready_timeout:.0f} s (a model or its stub may "
+                    f"hang while loading); last log lines:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
 
     def wait(self) -> int:
         """Block until the server process exits; its exit code."""
@@ -259,6 +426,10 @@ class TritonServer:
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after the grace period, then remove the run directory and /dev/shm regions."""
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stopping.set()
+            supervisor.join(timeout=self.grace_period)
         process, self.process = self.process, None
         if process is not None:
             if process.poll() is None:
@@ -298,44 +469,87 @@ class ServeSettings(BaseModel):
         description="compiled constitutions (priors, rule embeddings), reused across restarts",
     )
     host: str = "127.0.0.1"
+    http_host: str | None = Field(None, description="address of the HTTP endpoint (health probes); default: host")
     grpc_port: int = Field(8001, ge=0, le=65535, description="0: any free port")
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(8002, ge=0, le=65535)
     mllm_instances: int = Field(1, ge=1)
-    judge_instances: int = Field(1, ge=1, description="instances of preprocess, relevance and judge each")
+    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
     max_mllm_batch: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    tls_ca: FilePath | None = Field(None, description="clients must present a certificate signed by this CA")
+    auth_token_file: FilePath | None = None
     ready_timeout: float = Field(300.0, gt=0)
     repository: Path = MODEL_REPOSITORY
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return self
 
     def threads_per_mllm(self) -> int:
         if self.models.threads:
             return self.models.threads
         return max(1, len(os.sched_getaffinity(0)) // self.mllm_instances)
 
+    def auth_token(self) -> str | None:
+        if self.auth_token_file is None:
+            return None
+        return read_token(self.auth_token_file)
+
     def template_values(self) -> dict[str, str]:
         constitutions = self.constitutions.resolve()
         if not constitutions.is_dir():
             raise ServerError(f"constitution directory {self.constitutions} does not exist")
         spec = self.models.model_copy(update={"threads": self.threads_per_mllm()})
+        judge = JudgeStageSettings(
+            # One thread each: the stage's encoders are small next to the MLLM, and instances run side by side.
+            models=self.models.model_copy(update={"threads": 1}),
+            constitutions=constitutions,
+            cache_dir=self.cache_dir.resolve(),
+            limits=self.limits,
+        )
         return {
             "model_spec": pbtxt_string(spec.model_dump_json()),
-            "constitutions": pbtxt_string(str(constitutions)),
-            "cache_dir": pbtxt_string(str(self.cache_dir.resolve())),
+            "judge_settings": pbtxt_string(judge.model_dump_json()),
             "mllm_instances": str(self.mllm_instances),
             "judge_instances": str(self.judge_instances),
             "max_mllm_batch": str(self.max_mllm_batch),
+            "max_queue": str(self.max_queue),
+            "queue_timeout_us": str(int(self.limits.request_timeout_s * 1e6)),
         }
 
     def server(self) -> TritonServer:
         """The (not yet started) server for these settings."""
+        tls = None if self.tls_cert is None else TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
         return TritonServer(
             self.repository,
             template_values=self.template_values(),
             host=self.host,
+            http_host=self.http_host,
             grpc_port=self.grpc_port,
             http_port=self.http_port,
             metrics_port=self.metrics_port,
             ready_timeout=self.ready_timeout,
             threads=self.threads_per_mllm(),
+            private_files={"pipeline.key": secrets.token_urlsafe(32)},
+            tls=tls,
+            auth_token=self.auth_token(),
         )
 
+
+def read_token(path: Path) -> str:
+    """A bearer token from a file: one line of printable characters without spaces."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ServerError(f"cannot read the token file {path}: {exc}") from exc
+    if not token or not token.isprintable() or any(c.isspace() for c in token):
+        raise ServerError(f"the token file {path} must hold one token: printable characters, no spaces")
+    return token

@@ -126,6 +126,10 @@ def compile_cached(
     return compiled, False
 
 
+class ConstitutionCompiling(RuntimeError):
+    """placeholder"""
+
+
 class UnknownConstitution(KeyError):
     """A constitution name the store does not serve; the message lists the ones it does."""
 
@@ -180,7 +184,7 @@ class ConstitutionStore:
         with self._lock:
             return sorted(self._refresh())
 
-    def get(self, name: str) -> CompiledConstitution:
+    def get(self, name: str, timeout_s: float | None = None) -> CompiledConstitution:
         with self._lock:
             served = self._refresh()
             if name not in served:

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from safejudge.backends.base import Models
-from safejudge.backends.registry import ModelSpec, load_models
+from safejudge.backends.registry import coherent_spec, load_models
 from safejudge.server import PROJECT_ROOT, ServeSettings, TritonServer
 
 CONSTITUTIONS = PROJECT_ROOT / "constitutions"
+# What `safejudge serve --mllm tiny:qwen2-vl` serves with every other flag at its default (tiny CLIP and
+# OWLv2 as companions), on one thread per model.
+SERVED_SPEC = coherent_spec("tiny:qwen2-vl", threads=1)[0]
 # Loading torch in several stubs on two shared cores takes a while; a hang is caught well before this.
 READY_TIMEOUT_S = 300.0
 
@@ -25,7 +28,7 @@ READY_TIMEOUT_S = 300.0
 @pytest.fixture(scope="session")
 def tiny_models() -> Models:
     """The models the served pipeline runs, loaded in the test process (the reference)."""
-    return load_models(ModelSpec(threads=1))
+    return load_models(SERVED_SPEC)
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +44,14 @@ def served_constitutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def triton_server(
     tmp_path_factory: pytest.TempPathFactory, served_constitutions: Path, tiny_models: Models
 ) -> Iterator[TritonServer]:
-    """The full pipeline (safety_judge, preprocess, relevance, judge, mllm) with the shipped constitutions.
+    """The full pipeline (safety_judge, mllm) with the shipped constitutions and the default serve settings.
 
     tiny_models first: on a fresh machine the tiny models are built once here, not by every stub at once.
     A fresh compiled-constitution cache, so the served compile path runs too. Stopped, and its /dev/shm
     regions checked gone, at the end of the session.
     """
     settings = ServeSettings(
-        models=ModelSpec(threads=1),
+        models=SERVED_SPEC,
         constitutions=served_constitutions,
         cache_dir=tmp_path_factory.mktemp("compiled"),
         grpc_port=0,

@@ -21,6 +21,7 @@ from safejudge.compiled import compile_constitution
 from safejudge.constitution import load_constitution
 from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
 from safejudge.images import decode_image
+from safejudge.pipeline import PIPELINE_KEY_PARAMETER, RequestLimits, parse_options
 from safejudge.server import PROJECT_ROOT
 from safejudge_client import InvalidRequest, JudgeClient, Verdict
 
@@ -90,8 +91,12 @@ def infer_raw(url: str, image: bytes, constitution: str, options: bytes | str | 
     return Verdict.model_validate_json(result.as_numpy("VERDICT")[0, 0])
 
 
-def assert_same_scores(served: Verdict, reference: Verdict, tolerance: float = SCORE_TOLERANCE) -> None:
-    """Scores of every precondition both evaluated, rule by rule, agree to tolerance."""
+def assert_same_scores(served: Verdict, reference: Verdict, tolerance: float = SCORE_TOLERANCE, loop: bool = False) -> None:
+    """Scores of every precondition both evaluated, rule by rule, agree to tolerance.
+
+    The paper's loop runs Strategy 2 on an inconclusive alternative even when a later alternative of the same
+    item holds outright; the engine skips what cannot change the verdict. So against the loop (loop=True), a
+    score without the central object is compared where both computed it."""
     reference_evidence = {
         (v.rule_id, e.item, e.alternative): e for v in reference.violations for e in v.evidence
     }
@@ -103,6 +108,8 @@ def assert_same_scores(served: Verdict, reference: Verdict, tolerance: float = S
                 continue  # the sequential loop stops an item at its first satisfied alternative
             for field in ("score", "prior", "score_without_center"):
                 ours, theirs = getattr(evidence, field), getattr(other, field)
+                if loop and field == "score_without_center" and None in (ours, theirs):
+                    continue
                 assert (ours is None) == (theirs is None), (violation.rule_id, evidence.text, field)
                 if ours is not None:
                     assert abs(ours - theirs) <= tolerance, (violation.rule_id, evidence.text, field, ours, theirs)
@@ -125,7 +132,9 @@ def served_and_reference(triton_server, tiny_models, compiled_constitutions):
             served = infer_raw(
                 triton_server.url, data, compiled.constitution.name, json.dumps(options) if options else None
             )
-            parsed, image = JudgeOptions.model_validate(options or {}), decode_image(data)
+            # The served defaults (e.g. the reasoning budget per image) apply to the reference too.
+            parsed = parse_options(json.dumps(options).encode() if options else None, RequestLimits())
+            image = decode_image(data).frames[0]
             results[(name, image_name, options_name)] = (
                 served,
                 judge_sequential(image, compiled, tiny_models, parsed),
@@ -146,7 +155,7 @@ def test_served_verdicts_equal_the_in_process_reference(served_and_reference, ti
         assert served.evaluator == "batched" and served.model_id == tiny_models.mllm.model_id, case
         assert served.rules_considered == batched.rules_considered == sequential.rules_considered, case
         assert served.mllm_calls == batched.mllm_calls, case
-        assert_same_scores(served, sequential, SEQUENTIAL_TOLERANCE)
+        assert_same_scores(served, sequential, SEQUENTIAL_TOLERANCE, loop=True)
         assert_same_scores(served, batched)
 
 
@@ -263,11 +272,13 @@ def test_a_new_or_edited_constitution_is_served_without_restart(triton_server, s
 
 
 def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models):
-    """The `mllm` model directly: scores with an image and without (the prior), and a bad MODE."""
-    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]))
+    """The `mllm` model directly, with the pipeline key: scores with an image and without (the prior), and a
+    bad MODE; without the key it refuses to answer (it is internal to the pipeline)."""
+    key = (triton_server.run_dir / "private" / "pipeline.key").read_text()
+    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]).frames[0])
     questions = ["A person is visible", "Blood is visible"]
 
-    def ask(mode: str, with_pixels: bool):
+    def ask(mode: str, with_pixels: bool, parameters=None):
         inputs = []
         for name, value in (("QUESTIONS", [q.encode() for q in questions]), ("MODE", [mode.encode()])):
             tensor = grpcclient.InferInput(name, [1, len(value)], "BYTES")
@@ -278,10 +289,15 @@ def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models
             tensor.set_data_from_numpy(pixels[np.newaxis])
             inputs.append(tensor)
         with grpcclient.InferenceServerClient(triton_server.url) as client:
-            return client.infer("mllm", inputs).as_numpy("SCORES")[0]
+            return client.infer("mllm", inputs, parameters=parameters).as_numpy("SCORES")[0]
 
+    keyed = {PIPELINE_KEY_PARAMETER: key}
     image = Image.fromarray(pixels, "RGB")
-    np.testing.assert_allclose(ask("score", True), tiny_models.mllm.score(image, questions), atol=SCORE_TOLERANCE)
-    np.testing.assert_allclose(ask("score", False), tiny_models.mllm.score(None, questions), atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(ask("score", True, keyed), tiny_models.mllm.score(image, questions), atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(ask("score", False, keyed), tiny_models.mllm.score(None, questions), atol=SCORE_TOLERANCE)
     with pytest.raises(InferenceServerException, match="MODE must be one of"):
-        ask("poem", True)
+        ask("poem", True, keyed)
+    for parameters in (None, {PIPELINE_KEY_PARAMETER: "guessed"}):
+        with pytest.raises(InferenceServerException, match="internal to the safety_judge pipeline") as refused:
+            ask("reason", True, parameters)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"

@@ -182,3 +182,63 @@ def load_models(spec: ModelSpec) -> Models:
     """Every model the spec names. Stages that need one role call load_mllm / load_relevance /
     load_detector instead, so they do not load (and hold memory for) the others."""
     return Models(mllm=load_mllm(spec), relevance=load_relevance(spec), detector=load_detector(spec))
+
+
+AUTO = "auto"
+OWLV2_HUB_ID = "google/owlv2-base-patch16-ensemble"
+
+
+def _cached_on_hub(repo_id: str) -> bool:
+    """The hub model is already in the local Hugging Face cache (so using it needs no download)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _companion(role: str, mllm: str) -> tuple[str | None, str]:
+    """The relevance encoder or detector that goes with an MLLM when the user named none, and why."""
+    scheme, _, argument = mllm.partition(":")
+    if scheme == "demo":
+        return f"demo:{argument}", f"{role}: demo:{argument} (the toy-world demo models go together)"
+    if scheme == "tiny":
+        companion = "tiny:clip" if role == "relevance" else "tiny:owlv2"
+        return companion, f"{role}: {companion} (random-weight test model, like --mllm {mllm})"
+    if role == "relevance":
+        return None, (
+            "relevance: none, every rule is checked (no CLIP encoder given; export one with "
+            "engine_build/export_clip.py and pass --relevance onnx:DIR for the paper's relevance filter)"
+        )
+    if _cached_on_hub(OWLV2_HUB_ID):
+        return f"owlv2:{OWLV2_HUB_ID}", f"detector: owlv2:{OWLV2_HUB_ID} (found in the local Hugging Face cache)"
+    return None, (
+        f"detector: none, Strategy 2 is off (pass --detector owlv2:{OWLV2_HUB_ID} to download OWLv2, "
+        "or owlv2:DIR)"
+    )
+
+
+def coherent_spec(
+    mllm: str, relevance: str | None = AUTO, detector: str | None = AUTO, **fields
+) -> tuple[ModelSpec, list[str]]:
+    """The ModelSpec for an MLLM and its companions, and one line per companion chosen for the user.
+
+    AUTO picks the companion that matches the MLLM (demo with demo, tiny with tiny, a real MLLM with a real
+    detector already on disk, else none). The toy-world demo models understand only toy scenes: mixing
+    them with real models is refused.
+    """
+    chosen = {"relevance": relevance, "detector": detector}
+    notes = []
+    for role, value in chosen.items():
+        if value == AUTO:
+            chosen[role], note = _companion(role, mllm)
+            notes.append(note)
+    demo_mllm = mllm.startswith("demo:")
+    for role, value in chosen.items():
+        if value is not None and value.startswith("demo:") != demo_mllm:
+            raise ModelSpecError(
+                f"--{role} {value} cannot be combined with --mllm {mllm}: the demo models understand only "
+                "toy-world scenes and never mix with real models; use the demo models for all three roles, or "
+                f"real ones (or none) for --{role}"
+            )
+    return ModelSpec(mllm=mllm, relevance=chosen["relevance"], detector=chosen["detector"], **fields), notes

@@ -3,31 +3,46 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from safejudge.pipeline import INVALID_REQUEST_TAG, InvalidRequest, MLLMStage, stage_parameters, stage_spec
+from safejudge.pipeline import (
+    TRITON_ERROR_CODES,
+    Fault,
+    MLLMStage,
+    ModelSpec,
+    answer_each,
+    check_pipeline_key,
+    read_pipeline_key,
+    stage_parameters,
+    tagged,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = MLLMStage(stage_spec(stage_parameters(args["model_config"])))
+        parameters = stage_parameters(args["model_config"])
+        self.stage = MLLMStage(ModelSpec.model_validate_json(parameters["model_spec"]))
+        self.key = read_pipeline_key(parameters["pipeline_key_file"])
 
     def execute(self, requests):
-        # Dynamic batching hands over several requests; each asks about its own image (or none).
-        return [self._respond(request) for request in requests]
+        # Dynamic batching hands over several requests; each asks about its own image (or none) and gets
+        # its own answer or error.
+        return [self._response(answer) for answer in answer_each(requests, self._run, "mllm")]
 
-    def _respond(self, request):
+    def _run(self, request):
+        check_pipeline_key(request.parameters(), self.key)
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
-        questions = pb_utils.get_input_tensor_by_name(request, "QUESTIONS").as_numpy()[0]
-        mode = pb_utils.get_input_tensor_by_name(request, "MODE").as_numpy()[0, 0]
-        try:
-            scores, answers = self.stage.run(
-                None if pixels is None else pixels.as_numpy()[0],
-                [q.decode() for q in questions],
-                mode.decode(),
-            )
-        except InvalidRequest as exc:
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(INVALID_REQUEST_TAG + str(exc), pb_utils.TritonError.INVALID_ARG)
-            )
+        return self.stage.run(
+            None if pixels is None else pixels.as_numpy()[0],
+            list(pb_utils.get_input_tensor_by_name(request, "QUESTIONS").as_numpy()[0]),
+            pb_utils.get_input_tensor_by_name(request, "MODE").as_numpy()[0, 0],
+        )
+
+    @staticmethod
+    def _response(answer):
+        if isinstance(answer, Fault):
+            # Tagged: a BLS caller sees every error as INTERNAL and reads the code back from the message.
+            code = getattr(pb_utils.TritonError, TRITON_ERROR_CODES[answer.code])
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(tagged(answer.code, answer.message), code))
+        scores, answers = answer
         return pb_utils.InferenceResponse(
             [
                 pb_utils.Tensor("SCORES", scores[np.newaxis]),
