@@ -253,6 +253,7 @@ def build_constitution(
 
 
 def _read_token(path: Path) -> str:
+    """The token in --token-file, without the newline an editor or `echo` adds."""
     try:
         token = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -270,6 +271,7 @@ def judge(
     options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
     timeout: float = typer.Option(120.0, help="seconds per image"),
     as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+    retries: int = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)"),
     token_file: Path = typer.Option(None, "--token-file", help="file holding the server's access token"),
     tls_ca: Path = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)"),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)"),
@@ -289,17 +291,15 @@ def judge(
         fail(f"--options is not valid JSON: {exc}")
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
-    token = _read_token(token_file) if token_file is not None else None
     tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
+    given = {name: str(path) for name, path in tls.items() if path is not None}
+    if token_file is not None:
+        given["token"] = _read_token(token_file)
+    if retries is not None:  # else the client's default
+        given["retries"] = retries
     try:
-        client = JudgeClient(
-            url,
-            timeout_s=timeout,
-            token=token,
-            ssl=any(path is not None for path in tls.values()),
-            **{name: str(path) for name, path in tls.items() if path is not None},
-        )
-    except (ValueError, OSError) as exc:  # OSError: a TLS file that cannot be read
+        client = JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     table = Table(expand=True)
     table.add_column("image", overflow="fold", ratio=1)

@@ -67,10 +67,8 @@ def first_string(request, name):
     return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
 
-class Failure(Exception):
-    """Answered as an error response with this Triton error code."""
-
-    def __init__(self, message, code=pb_utils.TritonError.INVALID_ARG):
+class Failure(Exception):  # answered as an error response with this pb_utils.TritonError code
+    def __init__(self, message, code="INVALID_ARG"):
         super().__init__(message)
         self.code = code
 
@@ -86,7 +84,7 @@ def answer(request):
     if constitution == "recovering":
         outage = json.loads(options)
         if time.time() < outage["until"]:
-            raise Failure(outage["message"], getattr(pb_utils.TritonError, outage["status"]))
+            raise Failure(outage["message"], outage["status"])
     try:
         with Image.open(io.BytesIO(image)) as decoded:
             description = f"{{decoded.format}}:{{decoded.width}}x{{decoded.height}}"
@@ -120,7 +118,7 @@ class TritonPythonModel:
             try:
                 verdict = answer(request)
             except Failure as exc:
-                error = pb_utils.TritonError(str(exc), exc.code)
+                error = pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, exc.code))
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             tensor = pb_utils.Tensor("VERDICT", np.array([[verdict]], dtype=np.object_))

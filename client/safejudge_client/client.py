@@ -103,6 +103,15 @@ def check_endpoint(url: str, timeout_s: float | None) -> None:
         raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
 
 
+def check_tls_files(root_certificates: str | None, private_key: str | None, certificate_chain: str | None) -> None:
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain (a client certificate) go together")
+    for path in (root_certificates, private_key, certificate_chain):
+        # tritonclient would fail on a missing file half-way through constructing its client.
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"TLS file not found: {path}")
+
+
 class BearerToken(grpcclient.InferenceServerClientPlugin):
     """Adds the token to every call: `authorization` for proxies, and the header Triton's
     --grpc-restricted-protocol=<protocols>:authorization=Bearer <token> checks (triton-grpc-protocol-<key>)."""
@@ -164,8 +173,7 @@ class _Connection:
         model_name: str = DEFAULT_MODEL,
     ):
         check_endpoint(url, timeout_s)
-        if (private_key is None) != (certificate_chain is None):
-            raise ValueError("private_key and certificate_chain (a client certificate) go together")
+        check_tls_files(root_certificates, private_key, certificate_chain)
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
