@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 from typer.testing import CliRunner
@@ -264,6 +267,33 @@ def test_retries_until_a_starting_server_is_ready(tmp_path: Path) -> None:
     finally:
         starter.join()
         server.stop()
+
+
+def test_default_retries_ride_out_a_stage_process_that_dies_and_is_reloaded(tmp_path: Path) -> None:
+    png = image_bytes((8, 8), "PNG")
+    reloadable = ["--model-control-mode=explicit", "--load-model=*"]
+    with echo_server(tmp_path, extra_args=reloadable) as server, JudgeClient(server.url) as client:
+        assert client.judge(png, "echo").safe
+        stubs = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid), "-f", "triton_python_backend_stub"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        assert len(stubs) == 2  # one per model instance
+        for pid in stubs:
+            os.kill(int(pid), signal.SIGKILL)
+        with JudgeClient(server.url, retries=0) as impatient:
+            with pytest.raises(ServerUnavailable, match="is not healthy"):
+                impatient.judge(png, "echo")
+        # What a supervising server does: reload the model whose stage died.
+        with tritonclient.grpc.InferenceServerClient(server.url) as admin:
+            reloader = threading.Timer(0.5, admin.load_model, args=["safety_judge"])
+            started = time.monotonic()
+            reloader.start()
+            try:
+                assert client.judge(png, "echo").safe
+            finally:
+                reloader.join()
+            assert time.monotonic() - started > 0.5  # it answered only after the reload began
 
 
 TOKEN = "s3cret.token-42"
