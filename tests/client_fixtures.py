@@ -15,10 +15,9 @@ The server is started with H3's launcher (safejudge.server.TritonServer).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import json
 
 import pytest
 

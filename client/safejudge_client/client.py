@@ -193,9 +193,7 @@ class _Connection:
         """The infer call (a coroutine for the asyncio client). `timeout` (microseconds) is Triton's request
         timeout: a server whose queue policy rejects expired requests drops work its client gave up on."""
         server_timeout_us = None if self.timeout_s is None else round(self.timeout_s * 1e6)
-        return self._client.infer(
-            self.model_name, inputs, client_timeout=self.timeout_s, timeout=server_timeout_us
-        )
+        return self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s, timeout=server_timeout_us)
 
 
 class JudgeClient(_Connection):
