@@ -307,6 +307,17 @@ def build_constitution(
         )
 
 
+def _read_token(path: Path) -> str:
+    """The token in --token-file, without the newline an editor or `echo` adds."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --token-file: {exc}")
+    if not token:
+        fail(f"--token-file {path} is empty")
+    return token
+
+
 @app.command("judge")
 def judge(
     images: list[Path] = typer.Argument(..., help="image files"),
@@ -315,6 +326,11 @@ def judge(
     options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
     timeout: float = typer.Option(120.0, help="seconds per image"),
     as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+    retries: int = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)"),
+    token_file: Path = typer.Option(None, "--token-file", help="file holding the server's access token"),
+    tls_ca: Path = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)"),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)"),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
 ) -> None:
     """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
     import json
@@ -322,7 +338,7 @@ def judge(
     from rich.console import Console
     from rich.table import Table
 
-    from safejudge_client import JudgeClient, JudgeError, ServerUnavailable
+    from safejudge_client import AuthenticationError, JudgeClient, JudgeError, ServerUnavailable
 
     try:
         request_options = json.loads(options) if options is not None else None
@@ -330,9 +346,15 @@ def judge(
         fail(f"--options is not valid JSON: {exc}")
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
+    tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
+    given = {name: str(path) for name, path in tls.items() if path is not None}
+    if token_file is not None:
+        given["token"] = _read_token(token_file)
+    if retries is not None:  # else the client's default
+        given["retries"] = retries
     try:
-        client = JudgeClient(url, timeout_s=timeout)
-    except ValueError as exc:
+        client = JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     table = Table(expand=True)
     table.add_column("image", overflow="fold", ratio=1)
@@ -347,6 +369,8 @@ def judge(
                 verdict = client.judge(image, constitution, request_options)
             except ServerUnavailable as exc:
                 fail(f"server at {url} unavailable: {' '.join(str(exc).split())}")
+            except AuthenticationError as exc:
+                fail(f"server at {url}: {' '.join(str(exc).split())}")
             except (JudgeError, OSError, ValueError) as exc:
                 typer.echo(f"error: {image}: {' '.join(str(exc).split())}", err=True)
                 errors += 1

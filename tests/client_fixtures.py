@@ -6,18 +6,36 @@ judges nothing, so client behaviour is tested without any ML model. What it answ
 - evaluator: the OPTIONS JSON received, or "no-options" when the request had no OPTIONS input
 - constitution "unsafe": one violation (rule "r1"); "reject": INVALID_ARGUMENT; "garbage": a VERDICT that is
   not Verdict JSON; "slow": answers after SLOW_S seconds; an IMAGE Pillow cannot open: INVALID_ARGUMENT.
+- "future": a verdict as a newer server might write it (FUTURE_VERDICT: unknown fields and enum values).
+- "deadline": evaluator is Triton's request timeout in microseconds as the model sees it (0: none).
+- "recovering": OPTIONS {"status": "INTERNAL" | "NOT_FOUND", "message": ..., "until": <epoch s>}: that error
+  until the time has come, then a verdict (a stage or model that is being restarted).
 The server is started with H3's launcher (safejudge.server.TritonServer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 SLOW_S = 1.0
 REJECT_MESSAGE = "unknown constitution 'reject'; known: echo, unsafe"
+FUTURE_EVIDENCE = {
+    "item": 0, "alternative": 0, "text": "a knife is visible", "score": 0.9, "outcome": "satisfied",
+    "decided_by": "oracle", "frame": 3, "heatmap": [[0.1]],
+}
+FUTURE_VERDICT = {
+    "schema_version": 9, "safe": False, "constitution": "future", "constitution_version": "7",
+    "violations": [{
+        "rule_id": "r1", "title": "Rule one", "category": "test", "severity": "high", "reason": "scripted",
+        "evidence": [FUTURE_EVIDENCE], "frames": [3], "confidence": 0.97,
+    }],
+    "frame_count": 5, "frames_judged": [0, 3], "request_id": "req-7", "region": {"x": 1},
+    "timing": {"total_ms": 4.0, "gpu_ms": 2.0},
+}
 
 ECHO_CONFIG = """
 name: "safety_judge"
@@ -48,6 +66,12 @@ def first_string(request, name):
     return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
 
+class Failure(Exception):  # answered as an error response with this pb_utils.TritonError code
+    def __init__(self, message, code="INVALID_ARG"):
+        super().__init__(message)
+        self.code = code
+
+
 def answer(request):
     image = first_string(request, "IMAGE")
     constitution = first_string(request, "CONSTITUTION").decode()
@@ -55,14 +79,23 @@ def answer(request):
     if constitution == "slow":
         time.sleep({SLOW_S})
     if constitution == "reject":
-        raise ValueError({REJECT_MESSAGE!r})
+        raise Failure({REJECT_MESSAGE!r})
+    if constitution == "recovering":
+        outage = json.loads(options)
+        if time.time() < outage["until"]:
+            raise Failure(outage["message"], outage["status"])
     try:
         with Image.open(io.BytesIO(image)) as decoded:
             description = f"{{decoded.format}}:{{decoded.width}}x{{decoded.height}}"
     except Exception as exc:
-        raise ValueError(f"IMAGE is not a decodable image: {{exc}}")
+        raise Failure(f"IMAGE is not a decodable image: {{exc}}")
     if constitution == "garbage":
         return b"this is not a verdict"
+    if constitution == "future":
+        return {json.dumps(FUTURE_VERDICT)!r}.encode()
+    evaluator = options.decode() if options is not None else "no-options"
+    if constitution == "deadline":
+        evaluator = str(request.timeout())
     safe = constitution != "unsafe"
     violations = [] if safe else [
         {{"rule_id": "r1", "title": "Rule one", "category": "test", "severity": "high", "reason": "scripted"}}
@@ -72,7 +105,7 @@ def answer(request):
         "constitution": constitution,
         "constitution_version": "1",
         "violations": violations,
-        "evaluator": options.decode() if options is not None else "no-options",
+        "evaluator": evaluator,
         "model_id": f"{{hashlib.sha256(image).hexdigest()}}:{{description}}",
     }}).encode()
 
@@ -83,8 +116,8 @@ class TritonPythonModel:
         for request in requests:
             try:
                 verdict = answer(request)
-            except ValueError as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Failure as exc:
+                error = pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, exc.code))
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             tensor = pb_utils.Tensor("VERDICT", np.array([[verdict]], dtype=np.object_))
@@ -101,12 +134,18 @@ def write_echo_repository(root: Path) -> Path:
     return root
 
 
-def echo_server(root: Path):
+def echo_server(root: Path, extra_args: Sequence[str] = ()):
     """A TritonServer (not started) serving the echo repository on free ports."""
     from safejudge.server import TritonServer
 
     return TritonServer(
-        write_echo_repository(root), grpc_port=0, http_port=0, metrics_port=0, ready_timeout=60, grace_period=5
+        write_echo_repository(root),
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        ready_timeout=60,
+        grace_period=5,
+        extra_args=extra_args,
     )
 
 

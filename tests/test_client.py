@@ -6,30 +6,45 @@ import asyncio
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 from typer.testing import CliRunner
 
 from safejudge.cli import app
 from safejudge.evaluators import JudgeOptions
 from safejudge_client import (
+    SCHEMA_VERSION,
     AsyncJudgeClient,
+    AuthenticationError,
+    DecidedBy,
     DeadlineExceeded,
     InvalidRequest,
     JudgeClient,
     JudgeError,
+    Outcome,
     ProtocolError,
     ServerUnavailable,
     Verdict,
 )
-from safejudge_client.client import encode_image
-from tests.client_fixtures import REJECT_MESSAGE, SLOW_S, echo_server, echo_url  # noqa: F401 (fixture)
+from safejudge_client.client import MAX_BACKOFF_S, encode_image
+from safejudge_client.errors import from_triton
+from tests.client_fixtures import (  # noqa: F401 (echo_url is a fixture)
+    REJECT_MESSAGE,
+    SLOW_S,
+    echo_server,
+    echo_url,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +134,95 @@ def test_a_verdict_that_is_not_verdict_json_raises_protocol_error(client: JudgeC
         client.judge(image_bytes((8, 8), "PNG"), "garbage")
 
 
+def test_a_newer_servers_verdict_parses(client: JudgeClient) -> None:
+    verdict = client.judge(image_bytes((8, 8), "PNG"), "future")  # unknown fields at every level, enum value "oracle"
+
+    assert verdict.schema_version == 9 and verdict.request_id == "req-7"
+    assert (verdict.frame_count, verdict.frames_judged) == (5, [0, 3])
+    (violation,) = verdict.violations
+    assert violation.frames == [3]
+    (evidence,) = violation.evidence
+    assert evidence.frame == 3
+    assert evidence.outcome is Outcome.SATISFIED  # a known value keeps its enum type
+    assert evidence.decided_by == "oracle" and not isinstance(evidence.decided_by, DecidedBy)
+    assert verdict.timing.total_ms == 4.0
+    dumped = verdict.model_dump(mode="json")
+    assert "region" not in dumped and "confidence" not in dumped["violations"][0]
+    assert dumped["violations"][0]["evidence"][0]["decided_by"] == "oracle"  # passed on unchanged
+
+
+def test_a_verdict_without_the_new_fields_gets_their_defaults(client: JudgeClient) -> None:
+    verdict = client.judge(image_bytes((8, 8), "PNG"), "unsafe")
+    assert verdict.schema_version == SCHEMA_VERSION == 2
+    assert (verdict.frame_count, verdict.frames_judged, verdict.request_id) == (1, [0], "")
+    assert verdict.violations[0].frames == [0]
+
+
+def test_the_client_timeout_is_sent_as_the_servers_request_timeout(echo_url: str) -> None:  # noqa: F811
+    png = image_bytes((8, 8), "PNG")
+    with JudgeClient(echo_url, timeout_s=7.5) as client:
+        assert client.judge(png, "deadline").evaluator == "7500000"  # microseconds, as the model sees it
+    with JudgeClient(echo_url, timeout_s=None) as client:
+        assert client.judge(png, "deadline").evaluator == "0"  # no deadline: no server-side timeout
+
+    async def judge_async() -> str:
+        async with AsyncJudgeClient(echo_url, timeout_s=2) as client:
+            return (await client.judge(png, "deadline")).evaluator
+
+    assert asyncio.run(judge_async()) == "2000000"
+
+
+RESTARTING = {  # Triton 2.51's answers while a model or a stage process is being restarted
+    "INTERNAL": "Failed to process the request(s) for model 'safety_judge_0_0', message: Stub process "
+    "'safety_judge_0_0' is not healthy.",
+    "NOT_FOUND": "Request for unknown model: 'safety_judge' has no available versions",
+}
+
+
+@pytest.mark.parametrize("status", sorted(RESTARTING))
+def test_a_restarting_model_or_stage_is_retried_until_it_answers(echo_url: str, status: str) -> None:  # noqa: F811
+    png = image_bytes((8, 8), "PNG")
+
+    def outage(seconds: float) -> dict:
+        return {"status": status, "message": RESTARTING[status], "until": time.time() + seconds}
+
+    with JudgeClient(echo_url, retries=20, backoff_s=0.05) as client:
+        started = time.monotonic()
+        assert client.judge(png, "recovering", outage(0.6)).safe
+        assert time.monotonic() - started >= 0.6
+    with JudgeClient(echo_url, retries=0) as client:
+        with pytest.raises(ServerUnavailable) as unavailable:
+            client.judge(png, "recovering", outage(60))
+    assert unavailable.value.status == status
+    assert unavailable.value.message == RESTARTING[status]
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "expected"),
+    [
+        ("UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-protocol-authorization'",
+         AuthenticationError),
+        ("UNAVAILABLE", "failed to connect to all addresses", ServerUnavailable),
+        ("INTERNAL", RESTARTING["INTERNAL"], ServerUnavailable),
+        ("INTERNAL", "Failed to process the request(s): division by zero", JudgeError),
+        ("NOT_FOUND", RESTARTING["NOT_FOUND"], ServerUnavailable),
+        ("NOT_FOUND", "Request for unknown model: 'no_such_model' is not found", JudgeError),
+        ("INVALID_ARGUMENT", "is not healthy", InvalidRequest),  # the texts count only with their status
+    ],
+)
+def test_errors_are_classified_by_status_and_message(status: str, message: str, expected: type) -> None:
+    error = from_triton(InferenceServerException(message, status=f"StatusCode.{status}"))
+    assert type(error) is expected
+    assert error.status == status and message in error.message
+
+
+def test_default_retries_ride_out_a_stage_restart_of_10_s() -> None:
+    with JudgeClient(f"127.0.0.1:{unused_port()}") as client:
+        delays = [client.retry.delay(attempt) for attempt in range(client.retry.retries)]
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, MAX_BACKOFF_S]
+    assert sum(delays) > 10
+
+
 def test_deadline_raises_deadline_exceeded_without_retrying(echo_url: str) -> None:  # noqa: F811
     with JudgeClient(echo_url, timeout_s=0.3, retries=3, backoff_s=1.0) as client:
         started = time.monotonic()
@@ -163,6 +267,72 @@ def test_retries_until_a_starting_server_is_ready(tmp_path: Path) -> None:
     finally:
         starter.join()
         server.stop()
+
+
+def test_default_retries_ride_out_a_stage_process_that_dies_and_is_reloaded(tmp_path: Path) -> None:
+    png = image_bytes((8, 8), "PNG")
+    reloadable = ["--model-control-mode=explicit", "--load-model=*"]
+    with echo_server(tmp_path, extra_args=reloadable) as server, JudgeClient(server.url) as client:
+        assert client.judge(png, "echo").safe
+        stubs = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid), "-f", "triton_python_backend_stub"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        assert len(stubs) == 2  # one per model instance
+        for pid in stubs:
+            os.kill(int(pid), signal.SIGKILL)
+        with JudgeClient(server.url, retries=0) as impatient:
+            with pytest.raises(ServerUnavailable, match="is not healthy"):
+                impatient.judge(png, "echo")
+        # What a supervising server does: reload the model whose stage died.
+        with tritonclient.grpc.InferenceServerClient(server.url) as admin:
+            reloader = threading.Timer(0.5, admin.load_model, args=["safety_judge"])
+            started = time.monotonic()
+            reloader.start()
+            try:
+                assert client.judge(png, "echo").safe
+            finally:
+                reloader.join()
+            assert time.monotonic() - started > 0.5  # it answered only after the reload began
+
+
+TOKEN = "s3cret.token-42"
+
+
+@pytest.fixture(scope="module")
+def restricted_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An echo server whose inference calls need `Bearer TOKEN` (health calls need nothing)."""
+    restriction = f"--grpc-restricted-protocol=inference:authorization=Bearer {TOKEN}"
+    with echo_server(tmp_path_factory.mktemp("restricted-repository"), extra_args=[restriction]) as server:
+        yield server.url
+
+
+def test_a_restricted_server_answers_only_requests_with_the_token(restricted_url: str) -> None:
+    png = image_bytes((8, 8), "PNG")
+    for token in (None, "wrong-token"):
+        with JudgeClient(restricted_url, token=token, retries=3, backoff_s=5.0) as client:
+            assert client.is_ready() and client.is_live()  # health probes need no token
+            started = time.monotonic()
+            with pytest.raises(AuthenticationError) as refused:
+                client.judge(png, "echo")
+            assert time.monotonic() - started < 4  # a retry would have slept 5 s first
+        assert refused.value.message.startswith("the server requires a valid token: ")
+        assert "triton-grpc-protocol-authorization" in refused.value.message
+    with JudgeClient(restricted_url, token=TOKEN) as client:
+        assert client.judge(png, "echo").safe
+        assert client.is_ready()
+        # Every tritonclient call (infer and probes alike) takes its headers from here.
+        headers = dict(client._client._get_metadata(None))
+    assert headers == {"authorization": f"Bearer {TOKEN}", "triton-grpc-protocol-authorization": f"Bearer {TOKEN}"}
+
+    async def scenario() -> None:
+        async with AsyncJudgeClient(restricted_url, token=TOKEN) as client:
+            assert (await client.judge(png, "unsafe")).violated_rule_ids == ["r1"]
+        async with AsyncJudgeClient(restricted_url) as client:
+            with pytest.raises(AuthenticationError):
+                await client.judge(png, "echo")
+
+    asyncio.run(scenario())
 
 
 def test_judge_many_keeps_the_order_of_the_images(client: JudgeClient) -> None:
@@ -217,6 +387,13 @@ def test_bad_arguments_fail_before_any_request(tmp_path: Path) -> None:
         JudgeClient(retries=-1)
     with pytest.raises(ValueError, match="timeout_s"):
         AsyncJudgeClient(timeout_s=0)
+    for token in ("", "two words", "line\n", "naïve"):
+        with pytest.raises(ValueError, match="token"):
+            JudgeClient(token=token)
+    with pytest.raises(ValueError, match="go together"):
+        JudgeClient(private_key="client.key")
+    with pytest.raises(FileNotFoundError, match="TLS file not found: ca.pem"):
+        JudgeClient(ssl=True, root_certificates="ca.pem")
 
 
 def test_the_client_package_imports_without_safejudge() -> None:
@@ -278,10 +455,61 @@ def test_cli_judge_errors_exit_2_with_one_line(echo_url: str, tmp_path: Path) ->
         "unknown constitution 'reject'": ["judge", str(image), "-c", "reject", "--url", echo_url],
         "missing.png": ["judge", str(tmp_path / "missing.png"), "-c", "echo", "--url", echo_url],
         "--options is not valid JSON": ["judge", str(image), "-c", "echo", "--url", echo_url, "--options", "{"],
-        "unavailable": ["judge", str(image), "-c", "echo", "--url", f"127.0.0.1:{unused_port()}"],
+        "unavailable": ["judge", str(image), "-c", "echo", "--url", f"127.0.0.1:{unused_port()}", "--retries", "1"],
     }
     for expected, args in cases.items():
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (expected, result.output)
         errors = result.stderr.strip().splitlines()
         assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], result.stderr
+
+
+def test_cli_judge_token_file(restricted_url: str, tmp_path: Path) -> None:
+    image = write_png(tmp_path / "a.png")
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\n")  # as `echo` writes it
+    judge = ["judge", str(image), "-c", "echo", "--url", restricted_url]
+
+    allowed = runner.invoke(app, [*judge, "--token-file", str(token_file)])
+    assert allowed.exit_code == 0, allowed.output
+
+    (tmp_path / "blank").write_text(" \n")
+    cases = {
+        "requires a valid token": judge,
+        "cannot read --token-file": [*judge, "--token-file", str(tmp_path / "missing")],
+        "is empty": [*judge, "--token-file", str(tmp_path / "blank")],
+    }
+    for expected, args in cases.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (expected, result.output)
+        errors = result.stderr.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], result.stderr
+
+
+def test_cli_judge_tls_files_go_to_the_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safejudge_client
+
+    image = str(write_png(tmp_path / "a.png"))
+    missing = runner.invoke(app, ["judge", image, "-c", "echo", "--tls-ca", str(tmp_path / "ca.pem")])
+    assert missing.exit_code == 2
+    assert missing.stderr.splitlines() == [f"error: TLS file not found: {tmp_path / 'ca.pem'}"]
+
+    class Constructed(Exception):
+        pass
+
+    def record(url: str, **kwargs: object) -> None:
+        raise Constructed(kwargs)
+
+    monkeypatch.setattr(safejudge_client, "JudgeClient", record)
+    cases = {
+        (): {"ssl": False},
+        ("--tls-ca", "ca.pem", "--retries", "0"): {"ssl": True, "root_certificates": "ca.pem", "retries": 0},
+        ("--tls-ca", "ca.pem", "--tls-cert", "c.pem", "--tls-key", "k.pem"): {
+            "ssl": True, "root_certificates": "ca.pem", "certificate_chain": "c.pem", "private_key": "k.pem",
+        },
+    }
+    for args, expected in cases.items():
+        result = runner.invoke(app, ["judge", image, "-c", "echo", *args])
+        assert isinstance(result.exception, Constructed), result.output
+        (kwargs,) = result.exception.args
+        assert {k: v for k, v in kwargs.items() if k != "timeout_s"} == expected

@@ -7,11 +7,28 @@
 
 from safejudge_client.aio import AsyncJudgeClient
 from safejudge_client.client import JudgeClient
-from safejudge_client.errors import DeadlineExceeded, InvalidRequest, JudgeError, ProtocolError, ServerUnavailable
-from safejudge_client.verdict import DecidedBy, Outcome, PreconditionEvidence, Timing, Verdict, Violation
+from safejudge_client.errors import (
+    AuthenticationError,
+    DeadlineExceeded,
+    InvalidRequest,
+    JudgeError,
+    ProtocolError,
+    ServerUnavailable,
+)
+from safejudge_client.verdict import (
+    SCHEMA_VERSION,
+    DecidedBy,
+    Outcome,
+    PreconditionEvidence,
+    Timing,
+    Verdict,
+    Violation,
+)
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AsyncJudgeClient",
+    "AuthenticationError",
     "DeadlineExceeded",
     "DecidedBy",
     "InvalidRequest",

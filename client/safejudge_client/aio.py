@@ -32,9 +32,7 @@ class AsyncJudgeClient(_Connection):
 
     async def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         inputs = build_inputs(image, constitution, options)
-        result = await self._with_retries(
-            lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
-        )
+        result = await self._with_retries(lambda: self._infer(inputs))
         return parse_verdict(result)
 
     async def judge_many(

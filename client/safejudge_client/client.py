@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ Options = Mapping[str, Any] | BaseModel | None
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL = "safety_judge"
+DEFAULT_RETRIES = 6  # backoffs 0.2 + 0.4 + ... + 5 = 11.2 s: enough to ride out a stage restart (~10 s)
 MAX_BACKOFF_S = 5.0
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
@@ -101,10 +103,34 @@ def check_endpoint(url: str, timeout_s: float | None) -> None:
         raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
 
 
+def check_tls_files(root_certificates: str | None, private_key: str | None, certificate_chain: str | None) -> None:
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain (a client certificate) go together")
+    for path in (root_certificates, private_key, certificate_chain):
+        # tritonclient would fail on a missing file half-way through constructing its client.
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"TLS file not found: {path}")
+
+
+class BearerToken(grpcclient.InferenceServerClientPlugin):
+    """Adds the token to every call: `authorization` for proxies, and the header Triton's
+    --grpc-restricted-protocol=<protocols>:authorization=Bearer <token> checks (triton-grpc-protocol-<key>)."""
+
+    def __init__(self, token: str):
+        # gRPC metadata values are printable ASCII; a token read from a file may end in a newline.
+        if not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("token must be non-empty printable ASCII without spaces")
+        self._value = f"Bearer {token}"
+
+    def __call__(self, request: grpcclient.Request) -> None:
+        request.headers["authorization"] = self._value
+        request.headers["triton-grpc-protocol-authorization"] = self._value
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry only when the server is unavailable (not started yet, restarting, model loading); a rejected
-    request (INVALID_ARGUMENT) or a deadline is never retried."""
+    """Retry only when the server is unavailable (not started yet, restarting, model or stage reloading);
+    a rejected request (INVALID_ARGUMENT, a missing token) or a deadline is never retried."""
 
     retries: int
     backoff_s: float
@@ -137,8 +163,9 @@ class _Connection:
         url: str = DEFAULT_URL,
         *,
         timeout_s: float | None = 30.0,
-        retries: int = 3,
+        retries: int = DEFAULT_RETRIES,
         backoff_s: float = 0.2,
+        token: str | None = None,
         ssl: bool = False,
         root_certificates: str | None = None,
         private_key: str | None = None,
@@ -146,10 +173,12 @@ class _Connection:
         model_name: str = DEFAULT_MODEL,
     ):
         check_endpoint(url, timeout_s)
+        check_tls_files(root_certificates, private_key, certificate_chain)
         self.url = url
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s)
+        plugin = BearerToken(token) if token is not None else None
         self._client = self.grpc_module.InferenceServerClient(
             url,
             ssl=ssl,
@@ -157,20 +186,29 @@ class _Connection:
             private_key=private_key,
             certificate_chain=certificate_chain,
         )
+        if plugin is not None:
+            self._client.register_plugin(plugin)
+
+    def _infer(self, inputs: list[grpcclient.InferInput]) -> Any:
+        """The infer call (a coroutine for the asyncio client). `timeout` (microseconds) is Triton's request
+        timeout: a server whose queue policy rejects expired requests drops work its client gave up on."""
+        server_timeout_us = None if self.timeout_s is None else round(self.timeout_s * 1e6)
+        return self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s, timeout=server_timeout_us)
 
 
 class JudgeClient(_Connection):
     """Judge images on a safejudge server over gRPC.
 
-    timeout_s bounds each attempt (gRPC deadline; None: no deadline). Up to `retries` more attempts
-    follow an UNAVAILABLE answer, after backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds.
+    timeout_s bounds each attempt (gRPC deadline and Triton's request timeout; None: no deadline). Up to
+    `retries` more attempts follow an answer that the server is unavailable or restarting a model, after
+    backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds. A token is sent with every call.
     Thread-safe; use as a context manager or call close().
     """
 
     def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         """The verdict for one image (path, bytes of an image file, or PIL image) under a named constitution."""
         inputs = build_inputs(image, constitution, options)
-        result = self._with_retries(lambda: self._client.infer(self.model_name, inputs, client_timeout=self.timeout_s))
+        result = self._with_retries(lambda: self._infer(inputs))
         return parse_verdict(result)
 
     def judge_many(

@@ -2,13 +2,29 @@
 
 It lives in the client package so that every caller and the server share one definition; the
 core library imports it, this package never imports the core.
+
+The contract can grow: every model ignores fields it does not know and an enum field keeps a value it
+does not know as a plain string, so a client parses the verdicts of newer servers.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2  # 2: frames, request_id, schema_version
+
+E = TypeVar("E", bound=Enum)
+# A known value parses to its enum member (tried first), one a newer server added stays a plain string.
+OpenEnum = Annotated[Union[E, str], Field(union_mode="left_to_right")]
+
+
+class WireModel(BaseModel):
+    """Fields a newer server adds are ignored, not rejected."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class Outcome(str, Enum):
@@ -32,10 +48,8 @@ class DecidedBy(str, Enum):
     NONE = "none"
 
 
-class PreconditionEvidence(BaseModel):
+class PreconditionEvidence(WireModel):
     """Scores and the deciding test for one alternative of one precondition item."""
-
-    model_config = ConfigDict(extra="forbid")
 
     item: int = Field(description="index of the AND item in the rule's chain")
     alternative: int = Field(description="index of the OR alternative inside the item")
@@ -45,16 +59,14 @@ class PreconditionEvidence(BaseModel):
     score_without_center: float | None = Field(
         None, description="M(x minus central object, c) (Strategy 2), when it was computed"
     )
-    outcome: Outcome
-    decided_by: DecidedBy
+    outcome: OpenEnum[Outcome]
+    decided_by: OpenEnum[DecidedBy]
     rationale: str | None = None
-    frame: int = Field(0, description="file index of the frame this was measured on")
+    frame: int = Field(0, description="file index of the frame (page) this evidence was measured on")
 
 
-class Violation(BaseModel):
+class Violation(WireModel):
     """One violated rule and why."""
-
-    model_config = ConfigDict(extra="forbid")
 
     rule_id: str
     title: str
@@ -62,12 +74,10 @@ class Violation(BaseModel):
     severity: str
     reason: str
     evidence: list[PreconditionEvidence] = Field(default_factory=list)
-    frames: list[int] = Field(default_factory=lambda: [0], description="file indices of the judged frames that violate it")
+    frames: list[int] = Field([0], description="file indices of the judged frames in which the rule is violated")
 
 
-class Timing(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Timing(WireModel):
     total_ms: float = 0.0
     relevance_ms: float = 0.0
     scoring_ms: float = 0.0
@@ -75,11 +85,10 @@ class Timing(BaseModel):
     reasoning_ms: float = 0.0
 
 
-class Verdict(BaseModel):
+class Verdict(WireModel):
     """safe/unsafe for one image under one constitution, with every violated rule."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    schema_version: int = Field(SCHEMA_VERSION, description="the version of this contract the server wrote")
     safe: bool
     constitution: str
     constitution_version: str
@@ -95,8 +104,8 @@ class Verdict(BaseModel):
     model_id: str = ""
     timing: Timing = Field(default_factory=Timing)
     frame_count: int = Field(1, description="frames (pages) in the submitted file")
-    frames_judged: list[int] = Field(default_factory=lambda: [0], description="file indices of the frames judged")
-    request_id: str = ""
+    frames_judged: list[int] = Field([0], description="file indices of the frames that were judged")
+    request_id: str = Field("", description="the server's id of this request, for its logs")
 
     @property
     def violated_rule_ids(self) -> list[str]:
