@@ -1,0 +1,118 @@
+"""TLS, mutual TLS and bearer tokens on a real served pipeline (demo models: they start in seconds).
+
+Certificates are made in the test (trustme: a throwaway CA, a server and a client certificate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from safejudge.backends.registry import coherent_spec
+from safejudge.server import ADMIN_HEADER, ServeSettings, TritonServer
+from safejudge_client import AuthenticationError, JudgeClient, ServerUnavailable
+from tests.server_fixtures import CONSTITUTIONS
+
+trustme = pytest.importorskip("trustme")
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token_for.tests/only+1="
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    client_cert = ca.issue_cert("judge-client@example.org")
+    files = {"ca": directory / "ca.pem", "token": directory / "token"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    for name, issued in (("server", server_cert), ("client", client_cert)):
+        files[f"{name}_key"] = directory / f"{name}.key"
+        files[f"{name}_cert"] = directory / f"{name}.pem"
+        issued.private_key_pem.write_to_path(str(files[f"{name}_key"]))
+        issued.cert_chain_pems[0].write_to_path(str(files[f"{name}_cert"]))
+    files["token"].write_text(TOKEN + "\n")
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    constitutions = tmp_path_factory.mktemp("constitutions")
+    (constitutions / "toy-world.yaml").write_text((CONSTITUTIONS / "toy-world.yaml").read_text())
+    settings = ServeSettings(
+        models=coherent_spec("demo:toy")[0],
+        constitutions=constitutions,
+        cache_dir=tmp_path_factory.mktemp("compiled"),
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_ca=pki["ca"],
+        auth_token_file=pki["token"],
+    )
+    with settings.server() as running:
+        yield running
+
+
+def client(server: TritonServer, pki, token: str | None = TOKEN, client_cert: bool = True, **options) -> JudgeClient:
+    tls = {"private_key": str(pki["client_key"]), "certificate_chain": str(pki["client_cert"])} if client_cert else {}
+    return JudgeClient(
+        server.url, ssl=True, root_certificates=str(pki["ca"]), token=token, timeout_s=60, **tls, **options
+    )
+
+
+def np_image():
+    from PIL import Image
+
+    return Image.fromarray(np.full((96, 96, 3), 200, dtype=np.uint8), "RGB")
+
+
+def test_a_client_with_certificate_and_token_is_judged(server, pki):
+    with client(server, pki) as judge:
+        assert judge.is_ready()
+        verdict = judge.judge(np_image(), "toy-world")
+    assert verdict.constitution == "toy-world"
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_without_the_right_token_inference_is_refused(server, pki, token):
+    with client(server, pki, token=token, retries=0) as judge:
+        assert judge.is_ready(), "health stays open for probes"
+        with pytest.raises(AuthenticationError, match="requires a valid token"):
+            judge.judge(np_image(), "toy-world")
+
+
+def test_without_a_client_certificate_the_tls_handshake_fails(server, pki):
+    with client(server, pki, client_cert=False, retries=0) as judge:
+        with pytest.raises(ServerUnavailable):
+            judge.judge(np_image(), "toy-world")
+
+
+def test_plaintext_grpc_is_not_served(server):
+    with grpcclient.InferenceServerClient(server.url) as plain:
+        with pytest.raises(InferenceServerException):
+            plain.is_server_live(client_timeout=5)
+
+
+def test_http_needs_the_token_for_inference_but_not_for_probes(server):
+    with httpclient.InferenceServerClient(server.http_url) as http:
+        assert http.is_server_ready() and http.is_model_ready("safety_judge")
+        with pytest.raises(InferenceServerException, match="restricted"):
+            http.get_model_config("safety_judge")
+        assert http.get_model_config("safety_judge", headers={"Authorization": f"Bearer {TOKEN}"})["name"] == "safety_judge"
+
+
+def test_only_the_launcher_may_load_or_unload_models(server):
+    with httpclient.InferenceServerClient(server.http_url) as http:
+        for headers in (None, {"Authorization": f"Bearer {TOKEN}"}, {ADMIN_HEADER: "guessed"}):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                http.unload_model("mllm", headers=headers)
+        assert http.is_server_ready()
