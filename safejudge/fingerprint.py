@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 MEMO_FILE = "file-digests.json"
 # What of a Hugging Face model directory decides its outputs: weights, configs, tokenizer and chat template.
 HF_MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
+
+# A file modified within this long of being hashed could be modified again within the same mtime tick (a few
+# ms), unseen by its stat: such a digest is not memoised (git's "racily clean" rule).
+RACY_NS = 2_000_000_000
 
 _memo_lock = threading.Lock()  # one writer of the memo per process; other processes may lose an entry, no more
 
@@ -92,7 +97,8 @@ def _digest(path: Path, memo: _Memo, fresh: dict[str, _Digest]) -> str:
         return known.sha256
     sha256 = _file_sha256(Path(key))
     after = os.stat(key)
-    if after.st_mtime_ns == before.st_mtime_ns and after.st_size == before.st_size:  # not written while hashed
+    settled = time.time_ns() - after.st_mtime_ns > RACY_NS
+    if settled and (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size):
         fresh[key] = _Digest(
             size=after.st_size, mtime_ns=after.st_mtime_ns, ctime_ns=after.st_ctime_ns, inode=after.st_ino,
             sha256=sha256,
