@@ -13,6 +13,7 @@ import pytest
 
 from safejudge import fingerprint
 from safejudge.fingerprint import MEMO_FILE, content_digest, directory_digest, hf_fingerprint
+from tests.files import rewrite_one_byte
 
 
 @pytest.fixture(autouse=True)
@@ -45,15 +46,6 @@ def model_directory(path: Path, weights: bytes = b"\x00\x01weights" * 1000) -> P
     for file in path.iterdir():
         os.utime(file, ns=(an_hour_ago, an_hour_ago))
     return path
-
-
-def rewrite_one_byte(path: Path, offset: int) -> None:
-    """Flip one byte in place: same size, same inode, only the content (and mtime) change."""
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_content_digest_follows_content_not_location(tmp_path: Path) -> None:
