@@ -457,7 +457,8 @@ def test_a_changed_model_file_under_the_same_spec_recompiles(tmp_path: Path, mon
 
     first, cached = compile_after_a_restart()
     assert not cached
-    assert sorted(hashed) == ["clip_image.onnx", "clip_text.onnx", "manifest.json", "vlm_decoder.onnx", "vlm_vision.onnx"]
+    model_files = ["clip_image.onnx", "clip_text.onnx", "manifest.json", "vlm_decoder.onnx", "vlm_vision.onnx"]
+    assert sorted(hashed) == model_files  # the manifest once, though both models include it
 
     hashed.clear()
     _, cached = compile_after_a_restart()
