@@ -290,7 +290,9 @@ class ConstitutionStore:
         try:
             return job.future.result(timeout=_remaining(deadline))
         except TimeoutError:
-            raise ConstitutionCompiling(name, time.monotonic() - job.started) from None
+            if not job.future.done():  # else the compile raised a TimeoutError of its own, or just finished
+                raise ConstitutionCompiling(name, time.monotonic() - job.started) from None
+        return job.future.result()
 
     def _compile_for(self, name: str, deadline: float | None) -> _Compile:
         """The compile of the served version of `name`, started now unless one is done or running."""

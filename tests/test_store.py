@@ -284,6 +284,7 @@ class SlowMLLM(ScriptedMLLM):
     hold_s: float = 0.0
     release: threading.Event = field(default_factory=threading.Event)
     failures: int = 0
+    error: type[Exception] = RuntimeError
     log: Path | None = None
     priors_started: int = 0
 
@@ -297,7 +298,7 @@ class SlowMLLM(ScriptedMLLM):
                 self.release.wait(self.hold_s)
             if self.failures:
                 self.failures -= 1
-                raise RuntimeError("the MLLM ran out of memory")
+                raise self.error("the MLLM call failed")
         return super().score(image, questions)
 
 
@@ -366,10 +367,16 @@ def test_a_failed_compile_reaches_every_waiter_and_is_retried(
         mllm.release.set()
         for thread in threads:
             thread.join(10)
-    assert errors == ["the MLLM ran out of memory"] * 3
+    assert errors == ["the MLLM call failed"] * 3
     assert "compiling constitution 'demo' failed (retried on its next request)" in caplog.text
     assert store.get("demo", timeout_s=5).priors["Fire."] == pytest.approx(0.12)
     assert mllm.priors_started == 2
+
+
+def test_a_compile_that_times_out_itself_is_not_reported_as_still_compiling(directory: Path, tmp_path: Path) -> None:
+    store, _ = slow_store(directory, tmp_path / "cache", failures=1, error=TimeoutError)  # e.g. a BLS call
+    with pytest.raises(TimeoutError, match="the MLLM call failed"):
+        store.get("demo", timeout_s=5)
 
 
 def _get_in_a_process(directory: Path, cache: Path, log: Path, barrier) -> None:
