@@ -307,6 +307,14 @@ def slow_store(directory: Path, cache: Path, **fields) -> tuple[ConstitutionStor
     return ConstitutionStore(directory, models, cache), models.mllm
 
 
+def wait_for_callers(mllm: SlowMLLM) -> None:
+    """Until the held compile has started, and a while more: the callers' threads are waiting for it then."""
+    deadline = time.monotonic() + 10
+    while not mllm.priors_started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
 def test_a_slow_compile_stalls_no_other_constitution(directory: Path, tmp_path: Path) -> None:
     write(directory / "slow.yaml", constitution_yaml(name="slow", blood=SLOW))
     store, mllm = slow_store(directory, tmp_path / "cache", slow=frozenset({SLOW}), hold_s=30)
@@ -338,7 +346,7 @@ def test_concurrent_callers_share_one_compile(directory: Path, tmp_path: Path) -
     threads = [threading.Thread(target=lambda: results.append(store.get("demo"))) for _ in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(0.3)  # every caller is waiting by now
+    wait_for_callers(mllm)
     assert mllm.priors_started == 1
     mllm.release.set()
     for thread in threads:
@@ -363,7 +371,7 @@ def test_a_failed_compile_reaches_every_waiter_and_is_retried(
     with caplog.at_level(logging.ERROR, logger="safejudge.store"):
         for thread in threads:
             thread.start()
-        time.sleep(0.2)
+        wait_for_callers(mllm)
         mllm.release.set()
         for thread in threads:
             thread.join(10)
