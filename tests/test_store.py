@@ -40,6 +40,7 @@ from tests.fakes import ScriptedMLLM, ScriptedRelevance
 from tests.files import rewrite_one_byte
 
 STATEMENTS = {"A person is visible.": 0.31, "An animal is visible.": 0.22, "Visible blood.": 0.07, "Fire.": 0.12}
+SLOW = "Slow blood."  # a statement only the "slow" constitution asks about
 
 
 def constitution_yaml(name: str = "demo", version: int = 1, blood: str = "Visible blood.") -> str:
@@ -269,9 +270,6 @@ def test_a_second_file_with_a_taken_name_is_not_served(directory: Path, tmp_path
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="constitution directory not found"):
         ConstitutionStore(tmp_path / "absent", scripted_models(), tmp_path / "cache")
-
-
-SLOW = "Slow blood."  # a statement only the "slow" constitution asks about
 
 
 @dataclass
