@@ -20,8 +20,10 @@ class CompiledConstitution:
 
     constitution: Constitution
     mllm_id: str
+    mllm_fingerprint: str
     priors: dict[str, float]
     relevance_id: str | None = None
+    relevance_fingerprint: str | None = None
     rule_embeddings: np.ndarray | None = None  # [len(constitution.enabled_rules), dim], L2-normalised
 
     @property
@@ -43,7 +45,9 @@ def compile_constitution(constitution: Constitution, models: Models) -> Compiled
     return CompiledConstitution(
         constitution=constitution,
         mllm_id=models.mllm.model_id,
+        mllm_fingerprint=models.mllm.fingerprint,
         priors={text: float(p) for text, p in zip(statements, priors, strict=True)},
         relevance_id=models.relevance.model_id if models.relevance else None,
+        relevance_fingerprint=models.relevance.fingerprint if models.relevance else None,
         rule_embeddings=embeddings,
     )

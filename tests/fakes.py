@@ -23,6 +23,7 @@ class ScriptedMLLM:
     view: dict[str, float] = field(default_factory=dict)  # score on any derived view of the image
     reasoning: dict[str, str] = field(default_factory=dict)
     model_id: str = "scripted"
+    fingerprint: str = "sha256:scripted"
     score_calls: list[tuple[str, int]] = field(default_factory=list)
     reason_calls: list[list[str]] = field(default_factory=list)
 
@@ -45,6 +46,7 @@ class ScriptedMLLM:
 class ScriptedDetector:
     boxes: dict[str, Detection | None]
     model_id: str = "scripted-detector"
+    fingerprint: str = "sha256:scripted-detector"
     calls: int = 0
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
@@ -59,6 +61,7 @@ class ScriptedRelevance:
     texts: dict[str, np.ndarray]
     image_vector: np.ndarray
     model_id: str = "scripted-relevance"
+    fingerprint: str = "sha256:scripted-relevance"
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.stack([self.image_vector for _ in images])

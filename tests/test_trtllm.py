@@ -102,6 +102,7 @@ def make_backend(processor, llm: FakeLLM, **kwargs) -> TRTLLMVisionLanguageModel
         llm,
         processor,
         model_id="tiny-qwen2-vl",
+        fingerprint="sha256:tiny-qwen2-vl",
         score_params=dict(SCORE_SAMPLING),
         reason_params=reason_sampling(64),
         **kwargs,

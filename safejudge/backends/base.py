@@ -35,6 +35,7 @@ class MLLM(Protocol):
     """A multimodal LLM that answers yes/no questions about one image (or none) and can reason."""
 
     model_id: str
+    fingerprint: str  # what the model is (safejudge.fingerprint): keys caches of its outputs, unlike model_id
 
     def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
         """M = P(Yes)/(P(Yes)+P(No)) for each question, shape [len(questions)], in one call.
@@ -58,6 +59,7 @@ class RelevanceEncoder(Protocol):
     """A CLIP-style dual encoder; embeddings are L2-normalised rows."""
 
     model_id: str
+    fingerprint: str
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
@@ -77,6 +79,7 @@ class Detector(Protocol):
     """Open-vocabulary detector for the central object of a precondition (Strategy 2)."""
 
     model_id: str
+    fingerprint: str
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         """The most confident box for each word, or None when nothing was found."""

@@ -14,10 +14,13 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from safejudge.fingerprint import content_digest
+
 META_FILE = "clip_onnx.json"
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+EXPORT_FILES = (META_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)  # all an export is; its fingerprint hashes them
 # ONNX Runtime and PyTorch order float sums differently; more than this is an export bug, not rounding.
 EXPORT_TOLERANCE = 1e-3
 
@@ -53,9 +56,7 @@ class OnnxClipEncoder:
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        missing = [
-            name for name in (META_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE) if not (directory / name).is_file()
-        ]
+        missing = [name for name in EXPORT_FILES if not (directory / name).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{directory} is not a CLIP ONNX export (missing {', '.join(missing)}); "
@@ -63,6 +64,7 @@ class OnnxClipEncoder:
             )
         self.meta = ClipOnnxMeta.model_validate_json((directory / META_FILE).read_text())
         self.model_id = model_id or f"onnx:{self.meta.source}"
+        self.fingerprint = content_digest(directory / name for name in EXPORT_FILES)
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -27,6 +27,7 @@ from transformers import (
 
 from safejudge.backends.base import MLLMStats
 from safejudge.decision import yes_no_token_ids, yes_probability
+from safejudge.fingerprint import hf_fingerprint
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,6 +77,7 @@ class HFVisionLanguageModel:
         model,
         processor,
         model_id: str,
+        fingerprint: str,
         max_new_tokens: int = 128,
         max_pack_tokens: int = 4096,
     ):
@@ -84,6 +86,7 @@ class HFVisionLanguageModel:
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation appends on the right
         self.model_id = model_id
+        self.fingerprint = fingerprint
         self.max_new_tokens = max_new_tokens
         self.max_pack_tokens = max_pack_tokens
         self.yes_ids, self.no_ids = yes_no_token_ids(self.tokenizer.get_vocab())
@@ -116,7 +119,14 @@ class HFVisionLanguageModel:
         processor_class = PROCESSORS.get(config.model_type, AutoProcessor)
         processor = processor_class.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]).eval()
-        return cls(model, processor, model_id=model_id or source, max_new_tokens=max_new_tokens, max_pack_tokens=max_pack_tokens)
+        return cls(
+            model,
+            processor,
+            model_id=model_id or source,
+            fingerprint=hf_fingerprint(source),
+            max_new_tokens=max_new_tokens,
+            max_pack_tokens=max_pack_tokens,
+        )
 
     # -- prompts ---------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from safejudge.backends.base import Detection, Models
 from safejudge.decision import yes_no_token_ids, yes_probability
+from safejudge.fingerprint import content_digest
 from safejudge.toyworld import CONCEPTS, ToyTokenizer, ToyVocabularyError, model_input, words_of
 
 DEMO_MODELS = Path(__file__).resolve().parent.parent / "demo_models"
@@ -27,6 +28,7 @@ TOY_WARNING = (
     "they must never be used to judge real photos"
 )
 MAX_ANSWER_WORDS = 24
+MANIFEST = "manifest.json"
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -38,8 +40,17 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _sessions(directory: Path, names: Sequence[str], threads: int) -> list[ort.InferenceSession]:
+    return [_session(directory / name, threads) for name in names]
+
+
+def _fingerprint(directory: Path, names: Sequence[str]) -> str:
+    """A model's ONNX files and the manifest (vocabulary, training record) they were trained with."""
+    return content_digest([directory / MANIFEST, *(directory / name for name in names)])
+
+
 def _vocabulary(directory: Path) -> dict[str, int]:
-    manifest = directory / "manifest.json"
+    manifest = directory / MANIFEST
     try:
         return {str(k): int(v) for k, v in json.loads(manifest.read_text())["vocabulary"].items()}
     except (OSError, KeyError, ValueError) as exc:
@@ -65,13 +76,14 @@ class DemoVLM:
     """
 
     model_id = "toy-vlm-demo"
+    FILES = ("vlm_vision.onnx", "vlm_decoder.onnx")
 
     def __init__(self, directory: Path = DEMO_MODELS, threads: int = 1):
         self.tokenizer = ToyTokenizer(_vocabulary(directory))
         self.vocab = self.tokenizer.vocab
         self.yes_ids, self.no_ids = yes_no_token_ids(self.vocab)
-        self.vision = _session(directory / "vlm_vision.onnx", threads)
-        self.decoder = _session(directory / "vlm_decoder.onnx", threads)
+        self.vision, self.decoder = _sessions(directory, self.FILES, threads)
+        self.fingerprint = _fingerprint(directory, self.FILES)
 
     def _visual(self, image: Image.Image | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
         if image is None:
@@ -132,11 +144,12 @@ class DemoCLIP:
     """Toy dual encoder: a small CNN and a bag-of-words text encoder, L2-normalised 128-d embeddings."""
 
     model_id = "toy-clip-demo"
+    FILES = ("clip_image.onnx", "clip_text.onnx")
 
     def __init__(self, directory: Path = DEMO_MODELS, threads: int = 1):
         self.tokenizer = ToyTokenizer(_vocabulary(directory))
-        self.images = _session(directory / "clip_image.onnx", threads)
-        self.texts = _session(directory / "clip_text.onnx", threads)
+        self.images, self.texts = _sessions(directory, self.FILES, threads)
+        self.fingerprint = _fingerprint(directory, self.FILES)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.images.run(None, {"image": model_input(list(images))})[0]
@@ -152,9 +165,11 @@ class DemoDetector:
 
     model_id = "toy-detector-demo"
     MASK_THRESHOLD = 0.5
+    FILES = ("detector.onnx",)
 
     def __init__(self, directory: Path = DEMO_MODELS, threads: int = 1):
-        self.session = _session(directory / "detector.onnx", threads)
+        (self.session,) = _sessions(directory, self.FILES, threads)
+        self.fingerprint = _fingerprint(directory, self.FILES)
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         channels = []

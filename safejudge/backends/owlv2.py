@@ -11,15 +11,17 @@ from transformers import Owlv2ForObjectDetection, Owlv2Processor
 from transformers.image_transforms import center_to_corners_format
 
 from safejudge.backends.base import Detection
+from safejudge.fingerprint import hf_fingerprint
 
 
 class Owlv2Detector:
     """Detector protocol on transformers' Owlv2ForObjectDetection (all words in one forward)."""
 
-    def __init__(self, model: Owlv2ForObjectDetection, processor: Owlv2Processor, model_id: str):
+    def __init__(self, model: Owlv2ForObjectDetection, processor: Owlv2Processor, model_id: str, fingerprint: str):
         self.model = model
         self.processor = processor
         self.model_id = model_id
+        self.fingerprint = fingerprint
 
     @classmethod
     def from_pretrained(
@@ -29,7 +31,12 @@ class Owlv2Detector:
             torch.set_num_threads(threads)
         source = str(source)
         model = Owlv2ForObjectDetection.from_pretrained(source).eval()
-        return cls(model, Owlv2Processor.from_pretrained(source), model_id=model_id or f"owlv2:{source}")
+        return cls(
+            model,
+            Owlv2Processor.from_pretrained(source),
+            model_id=model_id or f"owlv2:{source}",
+            fingerprint=hf_fingerprint(source),
+        )
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         """The most confident box for each word in pixel coordinates of `image`; confidence = sigmoid(logit).

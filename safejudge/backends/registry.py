@@ -83,7 +83,7 @@ def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
     from safejudge.backends.tiny import TINY_VERSION
 
     source = _tiny("mllm", argument, ("qwen2-vl", "idefics3", "qwen2-vl-2b-shape"))
-    # The id keys compiled priors: it must change with the weights' version and the dtype.
+    # The fingerprint keys compiled priors by the files; the id adds what they do not say: the dtype.
     model_id = f"{spec.mllm}-v{TINY_VERSION}@{spec.dtype}"
     return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=model_id)
 

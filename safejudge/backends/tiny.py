@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from safejudge.fingerprint import cache_root
 from safejudge.prompts import REASON_STEP, REASON_SUMMARY, SYSTEM, YES_NO
 
 TINY_VERSION = 3
@@ -69,7 +70,7 @@ CLIP_SPECIAL_TOKENS = ["<unk>", "<|startoftext|>", "<|endoftext|>"]
 
 def cache_dir() -> Path:
     """Where tiny models live: $SAFEJUDGE_CACHE/tiny, default ~/.cache/safejudge/tiny."""
-    return Path(os.environ.get("SAFEJUDGE_CACHE", "~/.cache/safejudge")).expanduser() / "tiny"
+    return cache_root() / "tiny"
 
 
 def _constitution_texts() -> list[str]:

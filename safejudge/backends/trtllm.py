@@ -40,6 +40,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from safejudge.decision import yes_no_token_ids, yes_probability
+from safejudge.fingerprint import hf_fingerprint
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 TRTLLM_VERSION = "1.2.1"
@@ -295,6 +296,7 @@ class TRTLLMVisionLanguageModel:
         llm: Any,
         processor: Any,
         model_id: str,
+        fingerprint: str,
         score_params: Any,
         reason_params: Any,
         max_image_pixels: int = 1280 * PIXELS_PER_VISUAL_TOKEN,
@@ -303,6 +305,7 @@ class TRTLLMVisionLanguageModel:
         self.llm = llm
         self.processor = processor
         self.model_id = model_id
+        self.fingerprint = fingerprint
         self.score_params = score_params
         self.reason_params = reason_params
         self.max_image_pixels = max_image_pixels
@@ -333,6 +336,7 @@ class TRTLLMVisionLanguageModel:
             llm,
             AutoProcessor.from_pretrained(settings.model),
             model_id=model_id or settings.model,
+            fingerprint=hf_fingerprint(settings.model),  # after LLM(): a hub checkpoint is in the cache by now
             score_params=SamplingParams(**SCORE_SAMPLING),
             reason_params=SamplingParams(**reason_sampling(settings.max_new_tokens)),
             max_image_pixels=settings.max_image_pixels,
