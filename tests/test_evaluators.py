@@ -278,6 +278,7 @@ class _PerFrameMLLM:
     """Scores by frame colour: a red frame shows the statement, others do not."""
 
     model_id = "per-frame"
+    fingerprint = "per-frame-v1"
 
     def __init__(self):
         self.image_calls = 0
