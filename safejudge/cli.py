@@ -184,6 +184,9 @@ def serve(
         None, help="inference requests must carry 'authorization: Bearer <token in this file>' (health stays open)"
     ),
     ready_timeout: float = typer.Option(300.0, help="seconds to wait for every model to load"),
+    tritonserver: str = typer.Option(
+        "auto", help="auto (the container's /opt/tritonserver if present, else the nvidia-pytriton wheel's) | wheel | PATH"
+    ),
 ) -> None:
     """Serve the `safety_judge` model on Triton (gRPC) until Ctrl-C or SIGTERM."""
     import signal
@@ -192,7 +195,7 @@ def serve(
 
     from safejudge.backends.registry import ModelSpecError, coherent_spec
     from safejudge.pipeline import RequestLimits
-    from safejudge.server import ServerError, ServeSettings
+    from safejudge.server import ServerError, ServeSettings, find_triton
 
     try:
         models, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
@@ -223,6 +226,7 @@ def serve(
             tls_ca=tls_ca,
             auth_token_file=auth_token_file,
             ready_timeout=ready_timeout,
+            tritonserver=tritonserver,
         )
         server = settings.server()
     except ValidationError as exc:
@@ -238,7 +242,8 @@ def serve(
         typer.echo(f"models: mllm {mllm}")
         for note in notes:
             typer.echo(f"  {note}")
-        typer.echo(f"starting tritonserver (models load in the background; up to {ready_timeout:.0f} s) ...")
+        typer.echo(f"starting {find_triton(tritonserver).origin} (models load in the background; up to "
+                   f"{ready_timeout:.0f} s) ...")
         server.start()
         server.supervisor.on_event = lambda message: typer.echo(f"supervisor: {message}", err=True)
         security = "TLS" + (" (mutual)" if tls_ca else "") if tls_cert else "no TLS"

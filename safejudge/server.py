@@ -52,28 +52,70 @@ class ServerError(RuntimeError):
     """The server could not be found, prepared, started or made ready; the message says why."""
 
 
-class TritonInstall:
-    """Where the pieces of Triton live inside the installed nvidia-pytriton wheel."""
+# Where NVIDIA's containers (tritonserver:<yy.mm>-py3, -trtllm-python-py3) keep their own Triton.
+CONTAINER_TRITON_HOME = Path("/opt/tritonserver")
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """One Triton installation: the server binary, its Python backend, the backend stub for this interpreter
+    and the shared libraries they need. `find_triton` chooses one."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    library_dirs: tuple[Path, ...]
+    origin: str
+
+    @classmethod
+    def from_wheel(cls) -> TritonInstall:
+        """The Triton 2.51 inside the nvidia-pytriton wheel (CPU machines; its stub is a copy per Python X.Y)."""
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
             raise ServerError("nvidia-pytriton is not installed: pip install 'safejudge[server]'")
         package = Path(next(iter(spec.submodule_search_locations)))
-        self.home = package / "tritonserver"
-        self.libs = package.parent / "nvidia_pytriton.libs"
-        self.binary = self.home / "bin" / "tritonserver"
-        self.python_backend = self.home / "backends" / "python"
-        for path in (self.binary, self.python_backend / "libtriton_python.so", self.libs):
-            if not path.exists():
-                raise ServerError(f"the nvidia-pytriton install is incomplete: {path} is missing")
+        home = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(
+            binary=home / "bin" / "tritonserver",
+            python_backend=home / "backends" / "python",
+            stub=home / "python_backend_stubs" / version / STUB_NAME,
+            library_dirs=(package.parent / "nvidia_pytriton.libs",),
+            origin=f"nvidia-pytriton wheel ({home})",
+        )
+        return install.checked(f"nvidia-pytriton has no Python-backend stub for Python {version}")
 
-    def stub(self, python_version: str | None = None) -> Path:
-        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = self.home / "python_backend_stubs" / version / STUB_NAME
-        if not stub.exists():
-            raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
-        return stub
+    @classmethod
+    def from_home(cls, home: Path) -> TritonInstall:
+        """A Triton installed the way NVIDIA's containers install it (bin/, lib/, backends/python/)."""
+        home = Path(home)
+        install = cls(
+            binary=home / "bin" / "tritonserver",
+            python_backend=home / "backends" / "python",
+            stub=home / "backends" / "python" / STUB_NAME,
+            library_dirs=(home / "lib",),
+            origin=f"Triton at {home}",
+        )
+        return install.checked(f"{home} is not a Triton installation")
+
+    def checked(self, problem: str) -> TritonInstall:
+        for path in (self.binary, self.python_backend / "libtriton_python.so", self.stub):
+            if not path.exists():
+                raise ServerError(f"{problem}: {path} is missing")
+        return self
+
+
+def find_triton(choice: str = "auto", container_home: Path = CONTAINER_TRITON_HOME) -> TritonInstall:
+    """`auto`: the environment's own Triton when there is one (an NVIDIA container's /opt/tritonserver, with
+    the Python backend and stub that match its Python), else the nvidia-pytriton wheel's; `wheel`; or the
+    path of a Triton home directory."""
+    if choice == "wheel":
+        return TritonInstall.from_wheel()
+    if choice == "auto":
+        if (container_home / "bin" / "tritonserver").exists():
+            return TritonInstall.from_home(container_home)
+        return TritonInstall.from_wheel()
+    return TritonInstall.from_home(Path(choice).expanduser())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -237,6 +279,7 @@ class TritonServer:
         ready_timeout: float = 300.0,
         grace_period: float = 15.0,
         threads: int | None = None,
+        tritonserver: str = "auto",
         stub: Path | None = None,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
@@ -257,6 +300,7 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.grace_period = grace_period
         self.threads = threads
+        self.tritonserver = tritonserver
         self.stub_override = stub
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
@@ -299,7 +343,7 @@ class TritonServer:
 
     def environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
-        library_path = [sysconfig.get_config_var("LIBDIR"), str(install.libs), env.get("LD_LIBRARY_PATH", "")]
+        library_path = [sysconfig.get_config_var("LIBDIR"), *map(str, install.library_dirs), env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
         # The stub embeds Python and finds this venv's site-packages through `python3` on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -316,7 +360,7 @@ class TritonServer:
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             (backend / name).symlink_to(install.python_backend / name)
         stub = backend / STUB_NAME
-        shutil.copy2(self.stub_override or install.stub(), stub)
+        shutil.copy2(self.stub_override or install.stub, stub)
         missing = _missing_libraries(stub, env)
         if missing:
             raise ServerError(f"the Python-backend stub {stub.name} cannot load: " + "; ".join(missing))
@@ -371,7 +415,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise ServerError("server already started")
-        install = TritonInstall()
+        install = find_triton(self.tritonserver)
         env = self.environment(install)
         try:
             command = self._prepare(install, env)
@@ -483,6 +527,7 @@ class ServeSettings(BaseModel):
     tls_ca: FilePath | None = Field(None, description="clients must present a certificate signed by this CA")
     auth_token_file: FilePath | None = None
     ready_timeout: float = Field(300.0, gt=0)
+    tritonserver: str = Field("auto", description="auto | wheel | the path of a Triton home (find_triton)")
     repository: Path = MODEL_REPOSITORY
 
     @model_validator(mode="after")
@@ -538,6 +583,7 @@ class ServeSettings(BaseModel):
             metrics_port=self.metrics_port,
             ready_timeout=self.ready_timeout,
             threads=self.threads_per_mllm(),
+            tritonserver=self.tritonserver,
             private_files={"pipeline.key": secrets.token_urlsafe(32)},
             tls=tls,
             auth_token=self.auth_token(),

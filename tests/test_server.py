@@ -24,10 +24,12 @@ from tritonclient.utils import InferenceServerException
 
 from safejudge.server import (
     PROJECT_ROOT,
+    STUB_NAME,
     ServerError,
     ServeSettings,
     TritonInstall,
     TritonServer,
+    find_triton,
     pbtxt_string,
     render_repository,
 )
@@ -133,7 +135,8 @@ def test_stub_with_missing_library_is_refused_before_starting(tmp_path):
     other = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
     started = time.monotonic()
     with pytest.raises(ServerError, match=rf"stub .* cannot load: libpython{other}\.so.* not found"):
-        small_server(tmp_path, stub=TritonInstall().stub(other)).start()
+        stub = TritonInstall.from_wheel().stub.parents[1] / other / STUB_NAME
+        small_server(tmp_path, stub=stub).start()
     assert time.monotonic() - started < 10
 
 
@@ -226,3 +229,26 @@ def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
     assert process.returncode == 0, output + rest
     assert "stopped" in rest
     assert glob.glob(shm_prefix.group(1) + "*") == []
+
+
+def fake_triton_home(root: Path) -> Path:
+    """A directory laid out like an NVIDIA container's /opt/tritonserver (empty files: selection only)."""
+    for relative in ("bin/tritonserver", "backends/python/libtriton_python.so", f"backends/python/{STUB_NAME}", "lib/x"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).touch()
+    return root
+
+
+def test_the_environments_own_triton_is_chosen_over_the_wheel(tmp_path):
+    home = fake_triton_home(tmp_path / "opt-tritonserver")
+    container = find_triton("auto", container_home=home)
+    assert (container.binary, container.stub, container.library_dirs) == (
+        home / "bin/tritonserver", home / "backends/python" / STUB_NAME, (home / "lib",)
+    )
+    wheel = find_triton("auto", container_home=tmp_path / "absent")
+    assert "nvidia-pytriton" in wheel.origin and wheel.binary.name == "tritonserver"
+    assert find_triton("wheel", container_home=home).origin == wheel.origin
+    assert find_triton(str(home)).binary == container.binary
+    (home / "backends/python" / STUB_NAME).unlink()
+    with pytest.raises(ServerError, match=rf"is not a Triton installation: .*{STUB_NAME} is missing"):
+        find_triton(str(home))
