@@ -94,7 +94,7 @@ def successful_requests(url: str) -> int:
 @pytest.mark.integration
 def test_perf_analyzer_measures_the_served_pipeline(triton_server) -> None:
     tool = install_perf_analyzer()
-    settings = PerfSettings(images=2, image_size=64, concurrency_range="1:2", measurement_interval_ms=1000,
+    settings = PerfSettings(images=2, image_size=64, concurrency_range="1:2", measurement_interval_ms=3000,
                             stability_percentage=60, max_trials=6, timeout_s=120, results=None)
     before = successful_requests(triton_server.url)
     command, rows = run_perf_analyzer(tool, triton_server.url, settings)

@@ -169,10 +169,14 @@ def test_placeholder_without_value_names_the_file(tmp_path):
 
 def test_serve_settings_fill_every_placeholder_of_the_model_repository(tmp_path):
     settings = ServeSettings(constitutions=Path("constitutions"), cache_dir=tmp_path / "cache", mllm_instances=2)
-    render_repository(settings.repository, tmp_path / "rendered", settings.template_values())
+    # private_dir is the launcher's own placeholder (the directory of the per-server pipeline key).
+    render_repository(settings.repository, tmp_path / "rendered", {**settings.template_values(), "private_dir": "/p"})
     mllm_config = (tmp_path / "rendered" / "mllm" / "config.pbtxt").read_text()
-    assert "count: 2" in mllm_config and "${" not in mllm_config
-    assert str(Path("constitutions").resolve()) in (tmp_path / "rendered" / "judge" / "config.pbtxt").read_text()
+    judge_config = (tmp_path / "rendered" / "safety_judge" / "config.pbtxt").read_text()
+    assert "count: 2" in mllm_config and "${" not in mllm_config + judge_config
+    assert "max_queue_size: 64" in mllm_config and "max_queue_size: 64" in judge_config
+    assert '"/p/pipeline.key"' in mllm_config and '"/p/pipeline.key"' in judge_config
+    assert str(Path("constitutions").resolve()) in judge_config
 
 
 def test_serve_settings_reject_a_missing_constitution_directory(tmp_path):
