@@ -32,6 +32,7 @@ from safejudge.backends.registry import ModelSpec, load_models
 from safejudge.compiled import CompiledConstitution, all_statements, compile_constitution
 from safejudge.constitution import Constitution, load_constitution
 from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
+from safejudge.shipped import CONSTITUTIONS
 from safejudge_client.verdict import Verdict
 
 
@@ -39,7 +40,7 @@ class BenchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: ModelSpec = Field(default_factory=lambda: ModelSpec(relevance=None))
-    constitution: Path = Path("constitutions/os-bench.yaml")
+    constitution: Path = CONSTITUTIONS / "os-bench.yaml"
     constitution_rules: int | None = Field(None, ge=1, description="judge only the first N rules (cycled if more)")
     images: int = Field(6, ge=1, description="distinct images for the engine and the server")
     sequential_images: int = Field(2, ge=1, description="images for the (slow) sequential reference")

@@ -9,11 +9,27 @@ import typer
 
 from safejudge.constitution import ConstitutionError, load_constitution
 from safejudge.images import ImageLimits
+from safejudge.shipped import CONSTITUTIONS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Judge images against a safety constitution.")
 constitution_app = typer.Typer(no_args_is_help=True, help="Validate, lint and author constitutions.")
 build_app = typer.Typer(no_args_is_help=True, help="Offline builds: compiled constitutions, encoders, engines.")
 app.add_typer(constitution_app, name="constitution")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"safejudge {version('safejudge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")
+) -> None:
+    """Judge images against a safety constitution."""
 app.add_typer(build_app, name="build")
 
 
@@ -162,7 +178,7 @@ def serve(
         "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
     ),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    constitutions: Path = typer.Option(Path("constitutions"), help="directory of constitution YAML files"),
+    constitutions: Path = typer.Option(CONSTITUTIONS, help="directory of constitution YAML files (default: the shipped ones)"),
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
     judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
@@ -550,7 +566,7 @@ def calibrate_command(
 def bench_command(
     mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec; tiny:qwen2-vl-2b-shape for real-size cost"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    constitution: Path = typer.Option(Path("constitutions/os-bench.yaml"), help="constitution YAML"),
+    constitution: Path = typer.Option(CONSTITUTIONS / "os-bench.yaml", help="constitution YAML"),
     constitution_rules: int = typer.Option(None, help="judge only the first N rules of the constitution"),
     images: int = typer.Option(6, help="distinct images for the engine and the server"),
     sequential_images: int = typer.Option(2, help="images for the sequential reference (slow)"),

@@ -27,12 +27,13 @@ from safejudge.calibration import Calibration
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, Rule
 from safejudge.evaluators import JudgeOptions, judge_batched
+from safejudge.shipped import CONSTITUTIONS
 from safejudge_client.verdict import Verdict
 from safejudge.toyworld import BENIGN, HAZARDS, Query, Scene, SceneError, SceneSpec, generate_scene, parse_statement
 
 Split = Literal["violating", "borderline", "benign"]
 PRIOR_KNOWLEDGE_QUESTION = "something dangerous is visible"
-TOY_CONSTITUTION = Path(__file__).resolve().parent.parent / "constitutions" / "toy-world.yaml"
+TOY_CONSTITUTION = CONSTITUTIONS / "toy-world.yaml"
 
 
 # ---------------------------------------------------------------- the bench

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safejudge.backends.registry import ModelSpec
 from safejudge.bench import BenchSettings, bench_images, machine_facts, png_bytes
 from safejudge.evaluators import JudgeOptions
+from safejudge.shipped import CONSTITUTIONS
 from safejudge.server import _missing_libraries
 from safejudge.store import default_cache_dir
 
@@ -169,7 +170,7 @@ class PerfSettings(BaseModel):
 
     url: str | None = Field(None, description="a running server's gRPC host:port; None starts one")
     models: ModelSpec = Field(default_factory=ModelSpec)
-    constitutions: Path = Path("constitutions")
+    constitutions: Path = CONSTITUTIONS
     constitution: str = "os-bench"
     # Random weights make relevance meaningless and every answer inconclusive: judge every rule and
     # measure the scoring path, as `safejudge bench` does.

@@ -34,12 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from safejudge.backends.registry import ModelSpec
 from safejudge.pipeline import JudgeStageSettings, RequestLimits
+from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401 (PROJECT_ROOT: tests)
 from safejudge.store import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 SHM = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
 # The model-repository API (load, unload) is reserved to the launcher's supervisor: requests need this header.
@@ -507,7 +506,7 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: ModelSpec = Field(default_factory=ModelSpec)
-    constitutions: Path = Path("constitutions")
+    constitutions: Path = CONSTITUTIONS
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="compiled constitutions (priors, rule embeddings), reused across restarts",

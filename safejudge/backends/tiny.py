@@ -75,7 +75,9 @@ def cache_dir() -> Path:
 
 def _constitution_texts() -> list[str]:
     """The shipped constitutions as plain text (a realistic vocabulary for the full-size stand-in)."""
-    directory = Path(__file__).resolve().parents[2] / "constitutions"
+    from safejudge.shipped import CONSTITUTIONS
+
+    directory = CONSTITUTIONS
     return [path.read_text(encoding="utf-8") for path in sorted(directory.glob("*.yaml"))]
 
 
