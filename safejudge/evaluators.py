@@ -10,6 +10,7 @@ what is still undecided, each as one batched call. Both give the same verdict (t
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -477,6 +478,10 @@ def _verdict_of_frames(
                 _violation(rule, results[indices.index(first)].assessments, options, first, violated_in[rule.id])
             )
     considered = {rule.id for result in results for rule in result.relevant}
+    unique = list({id(result): result for result in results}.values())
+    decided = Counter(
+        a.decided_by.value for result in unique for a in result.assessments.values() if a.outcome != Outcome.NOT_EVALUATED
+    )
     clock.add("total_ms", started)
     constitution = compiled.constitution
     return Verdict(
@@ -494,6 +499,7 @@ def _verdict_of_frames(
         timing=clock.timing,
         frame_count=frame_count,
         frames_judged=indices,
+        preconditions_decided=dict(sorted(decided.items())),
     )
 
 

@@ -33,9 +33,12 @@ from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance  # noqa: F401 (ModelSpec: model.py)
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, ImageLimits, decode_image
+from safejudge.metrics import ConstitutionGauge, MetricSink, record_error, record_verdict
 from safejudge.store import ConstitutionCompiling, ConstitutionStore, UnknownConstitution
+from safejudge_client.verdict import Verdict
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("safejudge.requests")
 
 MODES = ("score", "reason", "id")
 # The request parameter that carries the pipeline key on the judge's BLS calls to the mllm stage.
@@ -278,13 +281,18 @@ class JudgeStageSettings(BaseModel):
 
 class JudgeStage:
     """The `safety_judge` model: image decoding and frame sampling, relevance and the detector in process,
-    judge_frames over the compiled constitution; `mllm` is the mllm stage seen through the MLLM interface."""
+    judge_frames over the compiled constitution; `mllm` is the mllm stage seen through the MLLM interface.
 
-    def __init__(self, settings: JudgeStageSettings, mllm: MLLM):
+    Every answered request is counted on `metrics` (safejudge.metrics) and logged as one JSON line with its
+    request id (logger `safejudge.requests`)."""
+
+    def __init__(self, settings: JudgeStageSettings, mllm: MLLM, metrics: MetricSink | None = None):
         self.settings = settings
         spec = settings.models
         self.models = Models(mllm=mllm, relevance=load_relevance(spec), detector=load_detector(spec))
         self.store = ConstitutionStore(settings.constitutions, self.models, settings.cache_dir)
+        self.metrics = metrics
+        self.constitution_gauge = ConstitutionGauge(metrics) if metrics is not None else None
 
     def deadline(self, timeout_us: int, cancelled: Callable[[], bool]) -> Deadline:
         """The request's own timeout (Triton's `timeout` parameter, microseconds) or the server's default."""
@@ -295,9 +303,22 @@ class JudgeStage:
         self, image: bytes, constitution: bytes, options: bytes | None, deadline: Deadline, request_id: str = ""
     ) -> str:
         """Verdict JSON for one request."""
+        request_id = request_id or uuid.uuid4().hex
+        started, name = time.monotonic(), None
+        try:
+            name = _text(constitution, "CONSTITUTION")
+            verdict = self._judge(image, name, options, deadline)
+        except Exception as exc:
+            kind = exc.code.value if isinstance(exc, StageFault) else FaultCode.INTERNAL.value
+            self._account(request_id, name, started, error=(kind, str(exc)))
+            raise
+        verdict.request_id = request_id
+        self._account(request_id, name, started, verdict=verdict)
+        return verdict.model_dump_json()
+
+    def _judge(self, image: bytes, name: str, options: bytes | None, deadline: Deadline) -> Verdict:
         limits = self.settings.limits
         parsed = parse_options(options, limits)
-        name = _text(constitution, "CONSTITUTION")
         try:
             decoded = decode_image(image, limits.image, frames=parsed.frames)
         except ImageError as exc:
@@ -309,9 +330,28 @@ class JudgeStage:
         except ConstitutionCompiling as exc:
             raise Unavailable(str(exc)) from exc
         deadline.check("judging")
-        verdict = judge_frames(
+        return judge_frames(
             decoded.frames, compiled, self.models, parsed,
             frame_indices=decoded.frame_indices, frame_count=decoded.frame_count,
         )
-        verdict.request_id = request_id or uuid.uuid4().hex
-        return verdict.model_dump_json()
+
+    def _account(
+        self, request_id: str, constitution: str | None, started: float,
+        verdict: Verdict | None = None, error: tuple[str, str] | None = None,
+    ) -> None:
+        seconds = time.monotonic() - started
+        event = {"event": "verdict" if verdict else "error", "request_id": request_id, "constitution": constitution,
+                 "ms": round(seconds * 1000, 1)}
+        if verdict is not None:
+            event |= {"safe": verdict.safe, "violations": verdict.violated_rule_ids, "frames": len(verdict.frames_judged),
+                      "mllm_calls": verdict.mllm_calls, "reasoning_calls": verdict.reasoning_calls}
+        else:
+            event |= {"kind": error[0], "message": error[1][:500]}
+        request_log.info("%s", json.dumps(event))
+        if self.metrics is None:
+            return
+        if verdict is not None:
+            record_verdict(self.metrics, verdict, seconds)
+        else:
+            record_error(self.metrics, error[0], constitution, seconds)
+        self.constitution_gauge.update(self.store.status())

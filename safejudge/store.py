@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -241,6 +242,16 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+class ConstitutionState(BaseModel):
+    """What the store knows of one constitution file right now (for `safejudge status` and metrics)."""
+
+    name: str
+    version: str = ""
+    file: str
+    state: Literal["compiled", "compiling", "failed", "not compiled", "invalid"]
+    calibrated: bool = False
+
+
 class ConstitutionStore:
     """Serves the compiled constitutions of every *.yaml / *.yml file in a directory, by name.
 
@@ -276,6 +287,30 @@ class ConstitutionStore:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._refresh())
+
+    def status(self) -> list[ConstitutionState]:
+        """Every constitution file and its compile state (calibrated: thresholds from a calibration file)."""
+        states = []
+        with self._lock:
+            self._refresh()
+            for path, source in sorted(self._sources.items()):
+                constitution = source.constitution
+                if constitution is None or self._served.get(constitution.name) is not constitution:
+                    states.append(ConstitutionState(name=constitution.name if constitution else path.stem,
+                                                    file=path.name, state="invalid"))
+                    continue
+                job, state, calibrated = self._compiles.get(constitution.name), "not compiled", False
+                if job is not None and job.source is constitution:
+                    if not job.future.done():
+                        state = "compiling"
+                    elif job.future.exception() is not None:
+                        state = "failed"
+                    else:
+                        state = "compiled"
+                        calibrated = job.future.result().constitution.thresholds != constitution.thresholds
+                states.append(ConstitutionState(name=constitution.name, version=constitution.version,
+                                                file=path.name, state=state, calibrated=calibrated))
+        return states
 
     def get(self, name: str, timeout_s: float | None = None) -> CompiledConstitution:
         """The compiled constitution `name`, compiled in the background on first use and after its file changed.

@@ -301,3 +301,50 @@ def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models
         with pytest.raises(InferenceServerException, match="internal to the safety_judge pipeline") as refused:
             ask("reason", True, parameters)
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
+    """The metrics port's samples: (name, labels) -> value."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r'([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)', line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def delta(after, before, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and wanted <= k[1])
+
+
+def test_engine_metrics_are_served_on_the_metrics_port(triton_server):
+    before = scrape(triton_server.metrics_url)
+    options = json.dumps({"relevance_filter": False, "max_reasoning_calls": 0})
+    verdicts = [infer_raw(triton_server.url, IMAGES[name], "os-bench", options) for name in ("png-64x48", "jpeg-160x96")]
+    with pytest.raises(InferenceServerException):
+        infer_raw(triton_server.url, b"not an image", "os-bench")
+    after = scrape(triton_server.metrics_url)
+
+    assert delta(after, before, "safejudge_verdicts_total", constitution="os-bench") == 2
+    unsafe = sum(not v.safe for v in verdicts)
+    assert delta(after, before, "safejudge_verdicts_total", constitution="os-bench", verdict="unsafe") == unsafe
+    for verdict in verdicts:
+        for rule in verdict.violated_rule_ids:
+            assert delta(after, before, "safejudge_rule_violations_total", constitution="os-bench", rule=rule) >= 1
+    decided = sum(sum(v.preconditions_decided.values()) for v in verdicts)
+    assert decided > 0 and delta(after, before, "safejudge_preconditions_decided_total", constitution="os-bench") == decided
+    tests = {dict(k[1])["test"] for k in after if k[0] == "safejudge_preconditions_decided_total"}
+    assert tests <= {"alpha1", "alpha2", "beta", "reasoning", "unparsed", "budget", "undecided"} and tests
+    assert delta(after, before, "safejudge_frames_judged_total", constitution="os-bench") == 2
+    assert delta(after, before, "safejudge_request_errors_total", kind="INVALID_ARGUMENT") == 1
+    assert delta(after, before, "safejudge_judge_seconds_count", constitution="os-bench") == 3
+    assert any(k[0] == "safejudge_judge_seconds_bucket" for k in after)
+    info = [dict(k[1]) for k, v in after.items() if k[0] == "safejudge_constitution_info" and v == 1]
+    assert {"constitution": "os-bench", "state": "compiled"}.items() <= next(
+        i for i in info if i["constitution"] == "os-bench").items()

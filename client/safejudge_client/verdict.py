@@ -106,6 +106,9 @@ class Verdict(WireModel):
     frame_count: int = Field(1, description="frames (pages) in the submitted file")
     frames_judged: list[int] = Field([0], description="file indices of the frames that were judged")
     request_id: str = Field("", description="the server's id of this request, for its logs")
+    preconditions_decided: dict[str, int] = Field(
+        default_factory=dict, description="precondition statements judged, by the test that decided them (DecidedBy values)"
+    )
 
     @property
     def violated_rule_ids(self) -> list[str]:

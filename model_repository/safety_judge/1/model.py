@@ -4,11 +4,13 @@ The judge reaches the `mllm` model over BLS, through the MLLM interface the eval
 """
 
 import functools
+import logging
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from safejudge.metrics import DEFINITIONS, LATENCY_BUCKETS, LabelledMetrics
 from safejudge.pipeline import (
     PIPELINE_KEY_PARAMETER,
     TRITON_ERROR_CODES,
@@ -71,11 +73,26 @@ class MLLMOverBLS:
         return [answer.decode() for answer in self._ask(image, questions, "reason", "ANSWERS")]
 
 
+def triton_metrics():
+    """safejudge.metrics' sink on Triton's custom-metrics API (served on the metrics port)."""
+    kinds = {"counter": "COUNTER", "gauge": "GAUGE", "histogram": "HISTOGRAM"}
+    families = {
+        d.name: pb_utils.MetricFamily(d.name, d.description, getattr(pb_utils.MetricFamily, kinds[d.kind]))
+        for d in DEFINITIONS
+    }
+    return LabelledMetrics(
+        lambda d, labels: families[d.name].Metric(labels=labels, **({"buckets": list(LATENCY_BUCKETS)} if d.kind == "histogram" else {}))
+    )
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        # One JSON line per answered request (safejudge.requests) in the server log.
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         parameters = stage_parameters(args["model_config"])
         self.mllm = MLLMOverBLS(read_pipeline_key(parameters["pipeline_key_file"]))
-        self.stage = JudgeStage(JudgeStageSettings.model_validate_json(parameters["settings"]), self.mllm)
+        settings = JudgeStageSettings.model_validate_json(parameters["settings"])
+        self.stage = JudgeStage(settings, self.mllm, triton_metrics())
 
     def execute(self, requests):
         return [self._response(answer) for answer in answer_each(requests, self._judge, "safety_judge")]
