@@ -408,6 +408,57 @@ def judge(
     raise typer.Exit(2 if errors else 1 if unsafe else 0)
 
 
+@app.command("status")
+def status(
+    url: str = typer.Option("127.0.0.1:8001", help="the server's gRPC address (host:port)"),
+    metrics_url: str = typer.Option(None, help="its metrics endpoint [default: http://<host>:8002/metrics]"),
+    token_file: Path = typer.Option(None, help="the token, when the server requires one"),
+    tls_ca: Path = typer.Option(None, help="PEM CA that signed the server's certificate (TLS)"),
+    as_json: bool = typer.Option(False, "--json", help="print the status as JSON"),
+) -> None:
+    """Health, models, constitutions (compile state, calibration) and limits of a running server.
+    Exit 0 when it is ready, 1 when it is not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from safejudge.status import server_status
+
+    headers = None
+    if token_file is not None:
+        token = _read_token(token_file)
+        headers = {"triton-grpc-protocol-authorization": f"Bearer {token}"}
+    tls = {"ssl": True, "root_certificates": str(tls_ca)} if tls_ca else {}
+    metrics_url = metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
+    found = server_status(url, metrics_url, headers, **tls)
+    if as_json:
+        typer.echo(found.model_dump_json(indent=1))
+        raise typer.Exit(0 if found.ready else 1)
+    console = Console(width=120)
+    console.print(f"{url}: live {found.live}, ready {found.ready}")
+    models = Table("model", "ready", "instances", "max batch", "max queue")
+    for model in found.models:
+        models.add_row(model.name, str(model.ready), str(model.instances), str(model.max_batch_size),
+                       str(model.max_queue_size))
+    console.print(models)
+    if found.settings is not None:
+        spec, limits = found.settings.models, found.settings.limits
+        console.print(f"models: mllm {spec.mllm}, relevance {spec.relevance}, detector {spec.detector}, {spec.dtype}")
+        console.print(
+            f"limits: frames {limits.frames} (request max {limits.max_request_frames}), reasoning calls "
+            f"{limits.reasoning_calls} (request max {limits.max_request_reasoning_calls}), request timeout "
+            f"{limits.request_timeout_s:g} s, image {limits.image.max_bytes} bytes / {limits.image.max_pixels} "
+            f"pixels / {limits.image.max_side} px side / {limits.image.max_frames} frames"
+        )
+    constitutions = Table("constitution", "version", "state", "calibrated")
+    for constitution in found.constitutions:
+        constitutions.add_row(constitution.name, constitution.version, constitution.state,
+                              "yes" if constitution.calibrated else "no")
+    console.print(constitutions if found.constitutions else "constitutions: none reported yet (first request compiles)")
+    for problem in found.problems:
+        console.print(f"[yellow]{problem}[/yellow]")
+    raise typer.Exit(0 if found.ready else 1)
+
+
 TOY_CONSTITUTION_OPTION = typer.Option(None, "--constitution", help="a toy-world constitution (default: constitutions/toy-world.yaml)")
 
 

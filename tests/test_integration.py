@@ -348,3 +348,23 @@ def test_engine_metrics_are_served_on_the_metrics_port(triton_server):
     info = [dict(k[1]) for k, v in after.items() if k[0] == "safejudge_constitution_info" and v == 1]
     assert {"constitution": "os-bench", "state": "compiled"}.items() <= next(
         i for i in info if i["constitution"] == "os-bench").items()
+
+
+def test_status_reports_health_models_constitutions_and_limits(triton_server, served_and_reference):
+    from typer.testing import CliRunner
+
+    from safejudge.cli import app
+
+    result = CliRunner().invoke(app, ["status", "--url", triton_server.url, "--metrics-url", triton_server.metrics_url,
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["live"] and status["ready"] and not status["problems"], status
+    models = {m["name"]: m for m in status["models"]}
+    assert models["safety_judge"]["ready"] and models["safety_judge"]["instances"] == 2
+    assert models["mllm"]["max_queue_size"] == 64
+    assert status["settings"]["limits"]["frames"] == 8 and status["settings"]["models"]["mllm"] == "tiny:qwen2-vl"
+    states = {c["name"]: c["state"] for c in status["constitutions"]}
+    assert states["os-bench"] == states["general"] == "compiled", states
+    table = CliRunner().invoke(app, ["status", "--url", triton_server.url, "--metrics-url", triton_server.metrics_url])
+    assert table.exit_code == 0 and "os-bench" in table.output and "limits: frames 8" in table.output, table.output
