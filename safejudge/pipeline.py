@@ -48,9 +48,9 @@ def stage_spec(parameters: dict[str, str], threads: int | None = None) -> ModelS
 
 
 def image_pixels(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> validated RGB pixels [H, W, 3] uint8."""
+    """Encoded image bytes -> validated RGB pixels [H, W, 3] uint8 (the first frame of an animation)."""
     try:
-        return np.asarray(decode_image(data), dtype=np.uint8)
+        return np.asarray(decode_image(data, frames=1).frames[0], dtype=np.uint8)
     except ImageError as exc:
         raise InvalidRequest(str(exc)) from exc
 

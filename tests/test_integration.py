@@ -125,7 +125,7 @@ def served_and_reference(triton_server, tiny_models, compiled_constitutions):
             served = infer_raw(
                 triton_server.url, data, compiled.constitution.name, json.dumps(options) if options else None
             )
-            parsed, image = JudgeOptions.model_validate(options or {}), decode_image(data)
+            parsed, image = JudgeOptions.model_validate(options or {}), decode_image(data).frames[0]
             results[(name, image_name, options_name)] = (
                 served,
                 judge_sequential(image, compiled, tiny_models, parsed),
@@ -264,7 +264,7 @@ def test_a_new_or_edited_constitution_is_served_without_restart(triton_server, s
 
 def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models):
     """The `mllm` model directly: scores with an image and without (the prior), and a bad MODE."""
-    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]))
+    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]).frames[0])
     questions = ["A person is visible", "Blood is visible"]
 
     def ask(mode: str, with_pixels: bool):
