@@ -90,7 +90,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), frames: int =
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError("cannot identify image file: not a JPEG, PNG, WebP, GIF, BMP or TIFF") from exc
-    except (OSError, EOFError, SyntaxError, ValueError) as exc:
+    # What Pillow's plugins raise on corrupt data; tests/test_fuzz.py found the less obvious ones (EOFError:
+    # an animation shorter than it declares; TypeError: a TIFF page without dimensions).
+    except (OSError, EOFError, SyntaxError, ValueError, TypeError) as exc:
         raise ImageError(f"image is truncated or corrupt: {exc}") from exc
     return DecodedImage(frames=decoded, frame_indices=indices, frame_count=frame_count, format=image.format)
 
