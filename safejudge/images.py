@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -90,9 +91,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), frames: int =
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError("cannot identify image file: not a JPEG, PNG, WebP, GIF, BMP or TIFF") from exc
-    # What Pillow's plugins raise on corrupt data; tests/test_fuzz.py found the less obvious ones (EOFError:
-    # an animation shorter than it declares; TypeError: a TIFF page without dimensions).
-    except (OSError, EOFError, SyntaxError, ValueError, TypeError) as exc:
+    # What Pillow's plugins raise on corrupt data; tests/test_fuzz.py found the less obvious ones: TypeError
+    # (a TIFF page without dimensions), IndexError and struct.error (a GIF cut inside a frame's header).
+    except (OSError, EOFError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as exc:
         raise ImageError(f"image is truncated or corrupt: {exc}") from exc
     return DecodedImage(frames=decoded, frame_indices=indices, frame_count=frame_count, format=image.format)
 

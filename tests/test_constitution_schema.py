@@ -108,9 +108,8 @@ def test_hostile_yaml_is_refused_quickly_with_the_limit():
     deep = "name: " + "[" * 3000 + "]" * 3000
     with pytest.raises(ConstitutionError, match=r"^<string>:1: YAML nests deeper than 64 levels$"):
         parse_constitution(deep)
-    laughs = "\n".join(
-        ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
-    )
+    chain = [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    laughs = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x, x]", *chain])
     with pytest.raises(ConstitutionError, match="more than 100000 values once its aliases are expanded"):
         parse_constitution(laughs)
     reused = textwrap.dedent(

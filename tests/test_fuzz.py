@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from safejudge.constitution import Constitution, ConstitutionError, parse_constitution
+from safejudge.constitution import Constitution, ConstitutionError, Thresholds, parse_constitution
 from safejudge.evaluators import JudgeOptions
 from safejudge.images import ALLOWED_FORMATS, DecodedImage, ImageError, ImageLimits, decode_image
 from safejudge.pipeline import InvalidRequest, parse_options
@@ -31,6 +33,20 @@ from safejudge.pipeline import InvalidRequest, parse_options
 LONG_RUN = int(os.environ.get("SAFEJUDGE_FUZZ_EXAMPLES", "0"))
 # Pillow warns (UserWarning "Corrupt EXIF data", "Truncated File Read") on much of what the fuzzer feeds it.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+# (input class, outcome) -> examples; a long run prints it (pytest -s) for docs/reliability.md.
+OUTCOMES: Counter = Counter()
+
+
+def record(kind: str, outcome: str) -> None:
+    OUTCOMES[kind, re.sub(r"\d+", "N", re.split(r"[:;(]", outcome)[0]).strip()] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_outcomes():
+    yield
+    if LONG_RUN:
+        for (kind, outcome), count in sorted(OUTCOMES.items()):
+            print(f"{kind}\t{outcome}\t{count}")
 
 
 def fuzz(ci_examples: int):
@@ -87,16 +103,20 @@ def _seeds() -> dict[str, bytes]:
 SEEDS = _seeds()
 SEED_NAMES = sorted(SEEDS)
 # The header bytes that make Pillow pick a decoder, so that random tails reach deep into each parser.
-MAGIC = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8X", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*"]
+MAGIC = [
+    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8X", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+]  # fmt: skip
 
 
-def check_decoding(data: bytes, frames: int) -> None:
+def check_decoding(kind: str, data: bytes, frames: int) -> None:
     """The property: a valid DecodedImage within the limits, or ImageError with a message."""
     try:
         decoded = decode_image(data, LIMITS, frames)
     except ImageError as exc:
         assert str(exc)
+        record(kind, str(exc))
         return
+    record(kind, f"decoded {decoded.format}")
     assert isinstance(decoded, DecodedImage) and decoded.format in ALLOWED_FORMATS
     assert 1 <= decoded.frame_count <= LIMITS.max_frames
     assert 1 <= len(decoded.frames) == len(decoded.frame_indices) <= frames
@@ -125,7 +145,7 @@ ABSURD = st.one_of(
     st.integers(0, 0xFFFFFFFF),
 ).flatmap(
     lambda n: st.sampled_from(
-        [struct.pack(f"{order}{width}", n & mask) for order in "<>" for width, mask in (("I", 0xFFFFFFFF), ("H", 0xFFFF))]
+        [struct.pack(order + width, n & mask) for order in "<>" for width, mask in (("I", 0xFFFFFFFF), ("H", 0xFFFF))]
     )
 )
 
@@ -172,25 +192,25 @@ def many_frames(draw) -> bytes:
 @fuzz(300)
 @given(data=st.binary(max_size=4096), frames=st.integers(1, 12))
 def test_random_bytes_decode_or_raise_image_error(data, frames):
-    check_decoding(data, frames)
+    check_decoding("random bytes", data, frames)
 
 
 @fuzz(300)
 @given(magic=st.sampled_from(MAGIC), tail=st.binary(max_size=2048), frames=st.integers(1, 12))
 def test_random_bytes_behind_a_format_header_decode_or_raise_image_error(magic, tail, frames):
-    check_decoding(magic + tail, frames)
+    check_decoding("format header + random bytes", magic + tail, frames)
 
 
 @fuzz(600)
 @given(data=mutated_images(), frames=st.integers(1, 12))
 def test_mutated_images_decode_or_raise_image_error(data, frames):
-    check_decoding(data, frames)
+    check_decoding("mutated images", data, frames)
 
 
 @fuzz(60)
 @given(data=many_frames(), frames=st.integers(1, 12))
 def test_many_frames_decode_or_raise_image_error(data, frames):
-    check_decoding(data, frames)
+    check_decoding("many frames", data, frames)
 
 
 @pytest.mark.parametrize("name", SEED_NAMES)
@@ -211,7 +231,7 @@ JSON_VALUES = st.recursive(
     max_leaves=20,
 )
 OPTION_KEYS = [*JudgeOptions.model_fields, "bogus"]
-THRESHOLD_KEYS = ["alpha1_factor", "alpha2_factor", "beta", "relevance", "detector_confidence", "crop_area_fraction", "x"]
+THRESHOLD_KEYS = [*Thresholds.model_fields, "bogus"]
 # Objects shaped like OPTIONS, so that values reach every field's validator.
 NEAR_OPTIONS = st.dictionaries(
     st.sampled_from(OPTION_KEYS),
@@ -220,25 +240,27 @@ NEAR_OPTIONS = st.dictionaries(
 )
 
 
-def check_options(raw: bytes | None) -> None:
+def check_options(kind: str, raw: bytes | None) -> None:
     try:
         options = parse_options(raw)
     except InvalidRequest as exc:
         assert str(exc).startswith("OPTIONS is not valid JudgeOptions JSON")
+        record(kind, "InvalidRequest")
         return
     assert isinstance(options, JudgeOptions)
+    record(kind, "JudgeOptions")
 
 
 @fuzz(300)
 @given(value=st.one_of(JSON_VALUES, NEAR_OPTIONS))
 def test_options_json_values_parse_or_raise_invalid_request(value):
-    check_options(json.dumps(value).encode())  # NaN and Infinity too: JSON5-ish text clients send
+    check_options("OPTIONS JSON values", json.dumps(value).encode())  # json.dumps writes NaN, Infinity bare
 
 
 @fuzz(200)
 @given(raw=st.one_of(st.none(), st.binary(max_size=256), st.text(max_size=256).map(str.encode)))
 def test_options_bytes_and_text_parse_or_raise_invalid_request(raw):
-    check_options(raw)
+    check_options("OPTIONS bytes and text", raw)
 
 
 # -- constitutions -----------------------------------------------------------------------------------
@@ -261,13 +283,15 @@ YAML_VALUES = st.recursive(
 )
 
 
-def check_constitution(text: str) -> None:
+def check_constitution(kind: str, text: str) -> None:
     try:
         constitution = parse_constitution(text, source="fuzz.yaml")
     except ConstitutionError as exc:
         assert str(exc).startswith("fuzz.yaml:")
+        record(kind, "ConstitutionError")
         return
     assert isinstance(constitution, Constitution)
+    record(kind, "Constitution")
 
 
 def _paths(value, path=()):
@@ -333,22 +357,22 @@ def alias_chains(draw) -> str:
 @fuzz(200)
 @given(value=YAML_VALUES)
 def test_random_yaml_documents_load_or_raise_constitution_error(value):
-    check_constitution(yaml.safe_dump(value))
+    check_constitution("random YAML documents", yaml.safe_dump(value))
 
 
 @fuzz(100)
 @given(data=mutated_constitution_data())
 def test_mutated_constitution_values_load_or_raise_constitution_error(data):
-    check_constitution(yaml.safe_dump(data, sort_keys=False))
+    check_constitution("mutated constitution values", yaml.safe_dump(data, sort_keys=False))
 
 
 @fuzz(100)
 @given(text=mutated_constitution_text())
 def test_mutated_constitution_text_loads_or_raises_constitution_error(text):
-    check_constitution(text)
+    check_constitution("mutated constitution text", text)
 
 
 @fuzz(100)
 @given(text=st.one_of(st.text(max_size=300), alias_chains(), st.integers(1, 5000).map(lambda n: "[" * n + "]" * n)))
 def test_random_text_aliases_and_deep_nesting_load_or_raise_constitution_error(text):
-    check_constitution(text)
+    check_constitution("random text, alias chains, deep nesting", text)

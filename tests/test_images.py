@@ -201,7 +201,11 @@ def test_sampling_refuses_counts_below_one():
         (b"definitely not an image", ImageLimits(), "^cannot identify image file"),
         (encode(noise(), "PNG")[:2000], ImageLimits(), "^image is truncated or corrupt"),
         (encode(gradient(), "ICO"), ImageLimits(), "format ICO is not accepted"),
-        (encode(gradient(), "PNG"), ImageLimits(max_bytes=100), r"^image is \d+ bytes; the limit is 100 \(max_bytes\)$"),
+        (
+            encode(gradient(), "PNG"),
+            ImageLimits(max_bytes=100),
+            r"^image is \d+ bytes; the limit is 100 \(max_bytes\)$",
+        ),
         (
             encode(Image.new("1", (20_000, 100)), "PNG"),
             ImageLimits(),
@@ -311,7 +315,8 @@ def test_crop_and_area_fraction_clamp_to_the_image():
     ],
 )
 def test_regions_of_tiny_images_and_boxes_stay_inside(size, box, expected):
-    image = Image.fromarray(np.arange(size[0] * size[1] * 3, dtype=np.uint64).reshape(size[1], size[0], 3).astype(np.uint8))
+    values = np.arange(size[0] * size[1] * 3) % 251  # distinct neighbours, so a shifted crop shows
+    image = Image.fromarray(values.reshape(size[1], size[0], 3).astype(np.uint8))
     left, top, right, bottom = expected
     assert np.array_equal(np.asarray(crop_region(image, box)), np.asarray(image)[top:bottom, left:right])
     removed = np.asarray(remove_region(image, box))
