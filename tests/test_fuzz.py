@@ -37,8 +37,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 OUTCOMES: Counter = Counter()
 
 
-def record(kind: str, outcome: str) -> None:
-    OUTCOMES[kind, re.sub(r"\d+", "N", re.split(r"[:;(]", outcome)[0]).strip()] += 1
+def outcome(kind: str, parse, result_type: type, error_type: type, prefix: str = "", by_message: bool = False):
+    """parse()'s result, which must be a result_type, or None when it raised error_type with a message
+    starting with prefix; any other exception fails the test. Tallies the outcome (the message's gist with
+    by_message, else the type)."""
+    try:
+        result = parse()
+    except error_type as exc:
+        message = str(exc)
+        assert message.startswith(prefix) and len(message) > len(prefix), message
+        gist = re.sub(r"\d+", "N", re.split(r"[:;(]", message)[0]).strip() if by_message else error_type.__name__
+        OUTCOMES[kind, gist] += 1
+        return None
+    assert isinstance(result, result_type), result
+    OUTCOMES[kind, f"{result_type.__name__} {getattr(result, 'format', '')}".strip()] += 1
+    return result
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,14 +123,10 @@ MAGIC = [
 
 def check_decoding(kind: str, data: bytes, frames: int) -> None:
     """The property: a valid DecodedImage within the limits, or ImageError with a message."""
-    try:
-        decoded = decode_image(data, LIMITS, frames)
-    except ImageError as exc:
-        assert str(exc)
-        record(kind, str(exc))
+    decoded = outcome(kind, lambda: decode_image(data, LIMITS, frames), DecodedImage, ImageError, by_message=True)
+    if decoded is None:
         return
-    record(kind, f"decoded {decoded.format}")
-    assert isinstance(decoded, DecodedImage) and decoded.format in ALLOWED_FORMATS
+    assert decoded.format in ALLOWED_FORMATS
     assert 1 <= decoded.frame_count <= LIMITS.max_frames
     assert 1 <= len(decoded.frames) == len(decoded.frame_indices) <= frames
     assert decoded.frame_indices == sorted(set(decoded.frame_indices))
@@ -241,14 +250,7 @@ NEAR_OPTIONS = st.dictionaries(
 
 
 def check_options(kind: str, raw: bytes | None) -> None:
-    try:
-        options = parse_options(raw)
-    except InvalidRequest as exc:
-        assert str(exc).startswith("OPTIONS is not valid JudgeOptions JSON")
-        record(kind, "InvalidRequest")
-        return
-    assert isinstance(options, JudgeOptions)
-    record(kind, "JudgeOptions")
+    outcome(kind, lambda: parse_options(raw), JudgeOptions, InvalidRequest, "OPTIONS is not valid JudgeOptions JSON: ")
 
 
 @fuzz(300)
@@ -284,14 +286,7 @@ YAML_VALUES = st.recursive(
 
 
 def check_constitution(kind: str, text: str) -> None:
-    try:
-        constitution = parse_constitution(text, source="fuzz.yaml")
-    except ConstitutionError as exc:
-        assert str(exc).startswith("fuzz.yaml:")
-        record(kind, "ConstitutionError")
-        return
-    assert isinstance(constitution, Constitution)
-    record(kind, "Constitution")
+    outcome(kind, lambda: parse_constitution(text, source="fuzz.yaml"), Constitution, ConstitutionError, "fuzz.yaml:")
 
 
 def _paths(value, path=()):
