@@ -51,8 +51,9 @@ SUPPORTED_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # Qwen2(.5)-VL cut images into 14-pixel patches and merge 2x2 patches into one LLM token.
 PIXELS_PER_VISUAL_TOKEN = 28 * 28
 # TensorRT-LLM's Qwen2-VL input processor runs transformers' Qwen2VLImageProcessor, whose smart_resize
-# refuses a long/short side ratio above 200; padding to half of that leaves room for the rounding of the
-# scale-down to max_image_pixels that follows (its short side stays at least 2 of a 2.8-pixel ideal).
+# refuses a long/short side ratio above 200. Padding to half of that leaves room for the rounding of the
+# scale-down to max_image_pixels that follows: at the smallest budget (784 pixels) a 100:1 image becomes
+# 280x2.8, floored to 280x2, which is 140:1.
 MAX_ASPECT = 100
 # System turn, one question and the chat markup, with room to spare.
 TEXT_TOKEN_ALLOWANCE = 512
