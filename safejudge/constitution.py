@@ -182,9 +182,47 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int:
     return 1
 
 
+# Bounds on the YAML itself, far beyond any constitution (rules > preconditions > alternatives is 5 deep):
+# the composer recurses per level, and aliases make every later pass walk each reference in full.
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000
+
+
+def _check_yaml_shape(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than MAX_YAML_DEPTH or holding more than MAX_YAML_VALUES values once its
+    aliases are expanded ("billion laughs"). Reads the parser's events, which takes no recursion and
+    one step per event, so neither check can itself be exhausted."""
+    expanded: dict[str, int] = {}  # anchor -> values under it, aliases expanded
+    open_collections: list[list] = [[None, 0]]  # [anchor, values so far]; the first entry is the stream
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_collections.append([event.anchor, 1])
+            if len(open_collections) - 1 > MAX_YAML_DEPTH:
+                raise ConstitutionError(
+                    f"{source}:{event.start_mark.line + 1}: YAML nests deeper than {MAX_YAML_DEPTH} levels"
+                )
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, values = open_collections.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, values = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, values = None, expanded.get(event.anchor, 1)
+        else:
+            continue
+        if anchor is not None:
+            expanded[anchor] = values
+        open_collections[-1][1] += values
+        if open_collections[0][1] + sum(values for _, values in open_collections[1:]) > MAX_YAML_VALUES:
+            raise ConstitutionError(
+                f"{source}:1: YAML holds more than {MAX_YAML_VALUES} values once its aliases are expanded"
+            )
+
+
 def parse_constitution(text: str, source: str = "<string>") -> Constitution:
     """Validate YAML text; every problem becomes a ConstitutionError naming source:line: field."""
     try:
+        _check_yaml_shape(text, source)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

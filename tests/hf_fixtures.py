@@ -21,3 +21,11 @@ STATEMENTS = [
     "a knife blade is held against the throat of a person lying on a bed",
     "two people are kissing with teeth exposed",
 ]
+
+# Sizes every backend must take: one pixel; 3x3 (sides of 1 or 3 look like a channel axis to transformers);
+# banners far past Qwen2-VL's long/short limit of 200, both ways.
+ODD_SIZES = [(1, 1), (3, 3), (2, 4000), (4000, 2)]
+
+
+def odd_image(size: tuple[int, int]) -> Image.Image:
+    return noise_image(9, height=size[1], width=size[0])

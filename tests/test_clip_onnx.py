@@ -13,9 +13,18 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from engine_build.export_clip import main as export_main
 from safejudge.backends.base import RelevanceEncoder
-from safejudge.backends.clip_onnx import IMAGE_FILE, META_FILE, TEXT_FILE, TOKENIZER_FILE, OnnxClipEncoder
+from PIL import Image
+
+from safejudge.backends.clip_onnx import (
+    CLIP_MAX_ASPECT,
+    IMAGE_FILE,
+    META_FILE,
+    TEXT_FILE,
+    TOKENIZER_FILE,
+    OnnxClipEncoder,
+)
 from safejudge.backends.tiny import ensure_tiny_clip_onnx, ensure_tiny_model
-from tests.hf_fixtures import noise_image
+from tests.hf_fixtures import ODD_SIZES, noise_image, odd_image
 
 IMAGES = [noise_image(3), noise_image(4, height=120, width=40), noise_image(5, height=32, width=32)]
 TEXTS = ["a person", "visible blood on the floor of a dark room", "fire"]
@@ -60,6 +69,29 @@ def test_onnx_embeddings_match_torch_clip(encoder):
     torch_images, torch_texts = torch_embeddings(IMAGES, TEXTS)
     np.testing.assert_allclose(encoder.embed_images(IMAGES), torch_images, atol=1e-4)
     np.testing.assert_allclose(encoder.embed_texts(TEXTS), torch_texts, atol=1e-4)
+
+
+def test_a_long_image_matches_torch_clip_after_the_bounded_resize(encoder):
+    # 12x600: past CLIP_MAX_ASPECT, yet small enough for the reference's unbounded 32x1600 resize.
+    banners = [noise_image(6, height=12, width=600), noise_image(6, height=600, width=12)]
+    torch_images, _ = torch_embeddings(banners, TEXTS[:1])
+    np.testing.assert_allclose(encoder.embed_images(banners), torch_images, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=str)
+def test_any_image_size_is_embedded_with_a_bounded_resize(encoder, size, monkeypatch):
+    resized = []
+    resize = Image.Image.resize
+
+    def recording(self, new_size, *args, **kwargs):
+        resized.append(new_size)
+        return resize(self, new_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    (embedding,) = encoder.embed_images([odd_image(size)])
+    assert np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
+    edge = encoder.meta.resize_shortest_edge
+    assert resized and max(w * h for w, h in resized) <= CLIP_MAX_ASPECT * edge * edge
 
 
 def test_embeddings_are_unit_rows_and_tell_inputs_apart(encoder):

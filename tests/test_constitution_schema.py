@@ -100,3 +100,26 @@ def test_directory_loading_and_duplicate_names(tmp_path):
         load_directory(tmp_path)
     with pytest.raises(ConstitutionError, match="cannot read"):
         load_constitution(tmp_path / "missing.yaml")
+
+
+def test_hostile_yaml_is_refused_quickly_with_the_limit():
+    # Found by tests/test_fuzz.py: deep nesting crashed the composer (RecursionError) and alias chains
+    # made the line-number pass exponential (10^7 values here).
+    deep = "name: " + "[" * 3000 + "]" * 3000
+    with pytest.raises(ConstitutionError, match=r"^<string>:1: YAML nests deeper than 64 levels$"):
+        parse_constitution(deep)
+    chain = [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    laughs = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x, x]", *chain])
+    with pytest.raises(ConstitutionError, match="more than 100000 values once its aliases are expanded"):
+        parse_constitution(laughs)
+    reused = textwrap.dedent(
+        """\
+        name: anchors
+        version: 1
+        rules:
+          - {id: a, title: A, category: c, text: a, preconditions: &shared [A person is visible]}
+          - {id: b, title: B, category: c, text: b, preconditions: *shared}
+        """
+    )
+    first, second = parse_constitution(reused).rules  # anchors and aliases within bounds still work
+    assert first.preconditions == second.preconditions

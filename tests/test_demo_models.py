@@ -15,6 +15,7 @@ from safejudge.backends.onnx_demo import TOY_WARNING, load_demo_models
 from safejudge.cli import app
 from safejudge.decision import parse_reasoning
 from safejudge.toyworld import CONCEPTS, HOLDABLE, SceneSpec, ToyVocabularyError, generate_scene
+from tests.hf_fixtures import ODD_SIZES, odd_image
 
 FRESH_SEED = 424242  # not a training seed: training draws from seed 0's stream
 
@@ -148,3 +149,16 @@ def test_demo_command_judges_scenes_and_says_the_models_are_toys():
     assert "verdicts name exactly the truly violated rules" in result.output
     assert "never be used to judge real photos" in " ".join(result.output.split())
     assert "real photos" in TOY_WARNING
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=str)
+def test_any_image_size_is_scored_embedded_and_searched(models, size):
+    # Every demo model reads images through toyworld.model_input, which resizes any size to the scene size.
+    image = odd_image(size)
+    scores = models.mllm.score(image, ["a knife is visible", "a person is visible"])
+    assert scores.shape == (2,) and np.all((scores > 0) & (scores < 1))
+    assert np.linalg.norm(models.relevance.embed_images([image])[0]) == pytest.approx(1.0, abs=1e-4)
+    (detection,) = models.detector.detect(image, ["knife"])
+    if detection is not None:
+        left, top, right, bottom = detection.box
+        assert 0 <= left < right <= image.width and 0 <= top < bottom <= image.height

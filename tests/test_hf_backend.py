@@ -19,7 +19,7 @@ from safejudge.constitution import Constitution
 from safejudge.decision import yes_probability
 from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
 from safejudge.prompts import REASON_SUMMARY
-from tests.hf_fixtures import STATEMENTS, noise_image
+from tests.hf_fixtures import ODD_SIZES, STATEMENTS, noise_image, odd_image
 
 IMAGE = noise_image(1)
 OTHER_IMAGE = noise_image(2, height=90, width=60)
@@ -227,3 +227,9 @@ def test_scoring_counts_forward_passes_and_tokens_against_the_minimum():
     minimum = mllm.minimum_tokens(image, questions)
     assert used.forward_passes == 2  # the shared prefix once, then every suffix packed into one row
     assert used.tokens_processed == minimum  # packing wastes nothing on padding
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=str)
+def test_any_image_size_is_scored(mllm, size):
+    scores = mllm.score(odd_image(size), STATEMENTS[:2])
+    assert scores.shape == (2,) and np.all((scores > 0) & (scores < 1))

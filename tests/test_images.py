@@ -1,4 +1,5 @@
-"""Image decoding and validation with real Pillow encoders, and the Strategy 2 region operations."""
+"""Image decoding and validation with real Pillow encoders (stills, animations, multi-page, MPO), frame
+sampling, limits, fitting images to a model (conform), and the Strategy 2 region operations."""
 
 from __future__ import annotations
 
@@ -6,16 +7,34 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
 
 from safejudge.backends.base import Detection
-from safejudge.images import ImageError, box_area_fraction, crop_region, decode_image, remove_region
+from safejudge.images import (
+    DEFAULT_FRAMES,
+    DecodedImage,
+    ImageError,
+    ImageLimits,
+    box_area_fraction,
+    conform,
+    crop_region,
+    decode_image,
+    remove_region,
+    sample_frame_indices,
+)
+
+BLUE, RED = (0, 0, 255), (255, 0, 0)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def encode_frames(frames: list[Image.Image], fmt: str, **kwargs) -> bytes:
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], **kwargs)
 
 
 def gradient(width=64, height=48) -> Image.Image:
@@ -27,45 +46,246 @@ def noise(size=64) -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
 
 
+def animation(count=6, red_from=3, size=(40, 30)) -> list[Image.Image]:
+    """Blue frames, each marked at its top-left pixel with its index; from `red_from` on a red square.
+
+    The encoders store later frames as the small rectangles that changed, so a decoder that does not
+    composite shows the square (or the marker) without the blue around it."""
+    frames = []
+    for index in range(count):
+        frame = Image.new("RGB", size, BLUE)
+        frame.putpixel((0, 0), (0, 12 * index, 255))
+        if index >= red_from:
+            ImageDraw.Draw(frame).rectangle((10, 10, 20, 20), fill=RED)
+        frames.append(frame)
+    return frames
+
+
+ANIMATED = {
+    "GIF": dict(duration=40),
+    "PNG": dict(duration=40),  # APNG
+    "WEBP": dict(duration=40, lossless=True),
+}
+
+
+def single(data: bytes, **kwargs) -> Image.Image:
+    decoded = decode_image(data, **kwargs)
+    assert decoded.frame_count == 1 and decoded.frame_indices == [0] and len(decoded.frames) == 1
+    return decoded.frames[0]
+
+
+# -- stills ------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_accepted_formats_decode_to_rgb(fmt):
-    image = decode_image(encode(gradient(), fmt))
+    decoded = decode_image(encode(gradient(), fmt))
+    assert isinstance(decoded, DecodedImage) and decoded.format == fmt
+    image = single(encode(gradient(), fmt))
     assert image.mode == "RGB" and image.size == (64, 48)
 
 
 def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    image = decode_image(encode(gradient(64, 48), "JPEG", exif=exif))
-    assert image.size == (48, 64)
+    assert single(encode(gradient(64, 48), "JPEG", exif=exif)).size == (48, 64)
 
 
 def test_transparency_is_composited_on_white():
     rgba = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
-    assert decode_image(encode(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert single(encode(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_mpo_is_judged_by_its_primary_image():
+    primary, second = Image.new("RGB", (32, 24), RED), Image.new("RGB", (32, 24), BLUE)
+    data = encode_frames([primary, second], "MPO")
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    decoded = decode_image(data)
+    assert decoded.format == "MPO" and decoded.frame_count == 1
+    red, green, blue = decoded.frames[0].getpixel((5, 5))
+    assert red > 240 and green < 15 and blue < 15  # JPEG rounding
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 3), (4000, 2), (2, 4000)])
+def test_every_valid_size_decodes(size):
+    image = single(encode(Image.new("RGB", size, RED), "PNG"))
+    assert image.size == size and image.getpixel((0, 0)) == RED
+
+
+# -- animations and pages ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(ANIMATED))
+def test_animation_frames_are_composited_as_a_viewer_shows_them(fmt):
+    decoded = decode_image(encode_frames(animation(), fmt, **ANIMATED[fmt]))
+    assert decoded.format == fmt and decoded.frame_count == 6 and decoded.frame_indices == list(range(6))
+    for index, frame in enumerate(decoded.frames):
+        assert frame.mode == "RGB" and frame.size == (40, 30)
+        assert frame.getpixel((0, 0)) == (0, 12 * index, 255), "each frame is the one at its index"
+        assert frame.getpixel((30, 25)) == BLUE, "unchanged pixels come from the frames before"
+        assert frame.getpixel((15, 15)) == (RED if index >= 3 else BLUE)
+
+
+@pytest.mark.parametrize("fmt", sorted(ANIMATED))
+def test_a_sampled_animation_keeps_first_last_and_the_frames_between(fmt):
+    decoded = decode_image(encode_frames(animation(count=11, red_from=10), fmt, **ANIMATED[fmt]), frames=3)
+    assert decoded.frame_count == 11 and decoded.frame_indices == [0, 5, 10]
+    assert [frame.getpixel((0, 0)) for frame in decoded.frames] == [(0, 12 * i, 255) for i in (0, 5, 10)]
+    assert decoded.frames[-1].getpixel((15, 15)) == RED, "the red square appears only in the last frame"
+
+
+def test_animated_transparency_is_shown_on_white():
+    frames = [Image.new("RGBA", (20, 20), (*BLUE, 255)), Image.new("RGBA", (20, 20), (0, 0, 0, 0))]
+    # blend 0 (APNG_BLEND_OP_SOURCE): the second frame replaces the first, transparent pixels included.
+    decoded = decode_image(encode_frames(frames, "PNG", blend=0, disposal=0))
+    assert [frame.getpixel((5, 5)) for frame in decoded.frames] == [BLUE, (255, 255, 255)]
+
+
+def test_multi_page_tiff_pages_of_different_sizes_and_modes():
+    pages = [Image.new("RGB", (10, 8), RED), Image.new("L", (30, 20), 200), Image.new("RGBA", (5, 50), (*BLUE, 0))]
+    decoded = decode_image(encode_frames(pages, "TIFF"))
+    assert decoded.format == "TIFF" and decoded.frame_count == 3 and decoded.frame_indices == [0, 1, 2]
+    assert [frame.size for frame in decoded.frames] == [(10, 8), (30, 20), (5, 50)]
+    assert [frame.getpixel((1, 1)) for frame in decoded.frames] == [RED, (200, 200, 200), (255, 255, 255)]
+
+
+def test_default_and_invalid_frame_counts():
+    decoded = decode_image(encode_frames(animation(count=20, red_from=20), "GIF"))
+    assert len(decoded.frames) == DEFAULT_FRAMES and decoded.frame_indices[0] == 0 and decoded.frame_indices[-1] == 19
+    with pytest.raises(ValueError, match="frames must be at least 1, got 0"):
+        decode_image(encode(gradient(), "PNG"), frames=0)
 
 
 @pytest.mark.parametrize(
-    "data, message",
+    "frame_count, frames, expected",
     [
-        (b"", "image is empty"),
-        (b"definitely not an image", "cannot identify image file"),
-        (encode(noise(), "PNG")[:2000], "truncated or corrupt"),
-        (encode(Image.new("RGB", (4, 4)), "PNG"), "each side must be at least 8"),
-        (encode(Image.new("1", (20_000, 100)), "PNG"), "the limit is"),
-        (encode(gradient(), "ICO"), "format ICO is not accepted"),
+        (1, 8, [0]),
+        (5, 8, [0, 1, 2, 3, 4]),
+        (8, 8, list(range(8))),
+        (9, 1, [0]),
+        (9, 2, [0, 8]),
+        (11, 3, [0, 5, 10]),
+        (10, 4, [0, 3, 6, 9]),
     ],
 )
-def test_bad_images_are_rejected_with_a_reason(data, message):
+def test_sample_frame_indices(frame_count, frames, expected):
+    assert sample_frame_indices(frame_count, frames) == expected
+
+
+@pytest.mark.parametrize("frame_count", [2, 7, 9, 100, 999, 1000])
+@pytest.mark.parametrize("frames", [1, 2, 3, 8, 50])
+def test_sampled_indices_are_sorted_unique_and_span_the_file(frame_count, frames):
+    indices = sample_frame_indices(frame_count, frames)
+    assert len(indices) == min(frames, frame_count)
+    assert indices == sorted(set(indices)) and indices[0] == 0 and 0 <= indices[-1] < frame_count
+    if frames > 1:
+        assert indices[-1] == frame_count - 1
+        gaps = np.diff(indices)
+        assert gaps.max() - gaps.min() <= 1, "evenly spaced"
+
+
+def test_sampling_refuses_counts_below_one():
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_frame_indices(0, 8)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_frame_indices(5, 0)
+
+
+# -- rejections --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, limits, message",
+    [
+        (b"", ImageLimits(), r"^image is empty \(0 bytes\)$"),
+        (b"definitely not an image", ImageLimits(), "^cannot identify image file"),
+        (encode(noise(), "PNG")[:2000], ImageLimits(), "^image is truncated or corrupt"),
+        (encode(gradient(), "ICO"), ImageLimits(), "format ICO is not accepted"),
+        (
+            encode(gradient(), "PNG"),
+            ImageLimits(max_bytes=100),
+            r"^image is \d+ bytes; the limit is 100 \(max_bytes\)$",
+        ),
+        (
+            encode(Image.new("1", (20_000, 100)), "PNG"),
+            ImageLimits(),
+            r"^image is 20000x100 pixels; the limit is 16384 per side \(max_side\)$",
+        ),
+        (
+            encode(gradient(), "PNG"),
+            ImageLimits(max_pixels=3000),
+            r"^image is 64x48 pixels; the limit is 3000 pixels \(max_pixels\)$",
+        ),
+        (
+            encode_frames([Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)), Image.new("RGB", (60, 50))], "TIFF"),
+            ImageLimits(max_pixels=2000),
+            r"^frame 2 is 60x50 pixels; the limit is 2000 pixels \(max_pixels\)$",
+        ),
+        (
+            encode_frames(animation(count=5), "GIF"),
+            ImageLimits(max_frames=4),
+            r"^image has 5 frames; the limit is 4 \(max_frames\)$",
+        ),
+    ],
+    ids=["empty", "garbage", "truncated", "ico", "bytes", "side", "pixels", "page-pixels", "frames"],
+)
+def test_bad_images_are_rejected_naming_the_problem_and_the_limit(data, limits, message):
     with pytest.raises(ImageError, match=message):
-        decode_image(data)
+        decode_image(data, limits)
 
 
 def test_decompression_bomb_is_rejected_before_decoding():
     bomb = encode(Image.new("1", (9000, 9000)), "PNG")  # 81 Mpx in a few kB
     assert len(bomb) < 100_000
-    with pytest.raises(ImageError, match="pixels|bomb"):
+    with pytest.raises(ImageError, match=r"9000x9000 pixels; the limit is 40000000 pixels \(max_pixels\)"):
         decode_image(bomb)
+
+
+def test_a_bomb_beyond_pillows_own_guard_still_names_the_limit():
+    bomb = encode(Image.new("1", (16_000, 12_000)), "PNG")  # 192 Mpx: Pillow refuses it while opening
+    with pytest.raises(ImageError, match=r"decompression bomb.*the limit is 40000000 pixels \(max_pixels\)"):
+        decode_image(bomb, ImageLimits(max_side=20_000))
+
+
+def test_limits_are_validated_frozen_and_closed():
+    assert ImageLimits().max_bytes == 20 * 1024 * 1024
+    with pytest.raises(ValidationError, match="max_frames"):
+        ImageLimits(max_frames=0)
+    with pytest.raises(ValidationError, match="max_pixel"):
+        ImageLimits(max_pixel=5)
+    with pytest.raises(ValidationError, match="frozen"):
+        ImageLimits().max_side = 5
+
+
+# -- conform -----------------------------------------------------------------------------------------
+
+
+def test_conform_leaves_fitting_images_alone():
+    image = gradient(64, 48)
+    assert conform(image) is image
+    assert conform(image, min_side=48, max_aspect=64 / 48) is image
+
+
+def test_conform_pads_an_extreme_aspect_centred_with_the_mean_colour():
+    banner = Image.new("RGB", (4000, 2), (100, 0, 0))
+    banner.paste((200, 0, 0), (0, 0, 2000, 2))  # mean colour (150, 0, 0)
+    padded = conform(banner, max_aspect=200)
+    assert padded.size == (4000, 20)
+    pixels = np.asarray(padded)
+    assert (pixels[9:11] == np.asarray(banner)).all(), "the banner sits in the middle, unchanged"
+    assert (pixels[:9] == (150, 0, 0)).all() and (pixels[11:] == (150, 0, 0)).all()
+    assert conform(banner.transpose(Image.Transpose.TRANSPOSE), max_aspect=200).size == (20, 4000)
+
+
+def test_conform_upscales_the_short_side():
+    assert conform(Image.new("RGB", (1, 1), RED), min_side=28).size == (28, 28)
+    upscaled = conform(Image.new("RGB", (3, 9), RED), min_side=6)
+    assert upscaled.size == (6, 18) and upscaled.getpixel((3, 9)) == RED
+    both = conform(Image.new("RGB", (1, 300), RED), min_side=4, max_aspect=100)
+    assert both.size == (4, 400)
+
+
+# -- Strategy 2 regions ------------------------------------------------------------------------------
 
 
 def test_remove_region_fills_only_the_box_with_the_mean_colour():
@@ -82,3 +302,24 @@ def test_crop_and_area_fraction_clamp_to_the_image():
     image = gradient(100, 100)
     assert crop_region(image, (90, 90, 150, 150)).size == (10, 10)
     assert box_area_fraction(image, Detection((0, 0, 10, 10), 0.9)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "size, box, expected",
+    [
+        ((1, 1), (0, 0, 1, 1), (0, 0, 1, 1)),
+        ((1, 1), (0, 0, 0, 0), (0, 0, 1, 1)),
+        ((3, 3), (3, 3, 9, 9), (2, 2, 3, 3)),  # outside: the nearest pixel, never past the image
+        ((3, 3), (-5, 1, -1, 1), (0, 1, 1, 2)),
+        ((4000, 2), (10, 0, 10, 2), (10, 0, 11, 2)),
+    ],
+)
+def test_regions_of_tiny_images_and_boxes_stay_inside(size, box, expected):
+    values = np.arange(size[0] * size[1] * 3) % 251  # distinct neighbours, so a shifted crop shows
+    image = Image.fromarray(values.reshape(size[1], size[0], 3).astype(np.uint8))
+    left, top, right, bottom = expected
+    assert np.array_equal(np.asarray(crop_region(image, box)), np.asarray(image)[top:bottom, left:right])
+    removed = np.asarray(remove_region(image, box))
+    changed = np.any(removed != np.asarray(image), axis=-1)
+    assert not changed[:top].any() and not changed[bottom:].any()
+    assert not changed[:, :left].any() and not changed[:, right:].any()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from safejudge.backends.base import Detector
-from safejudge.backends.owlv2 import Owlv2Detector
+from safejudge.backends.owlv2 import OWLV2_MAX_SIDE_FACTOR, OWLV2_MIN_SIDE, Owlv2Detector
 from safejudge.backends.tiny import ensure_tiny_model
-from tests.hf_fixtures import noise_image
+from tests.hf_fixtures import ODD_SIZES, noise_image, odd_image
 
 WORDS = ["person", "knife", "fire"]
 
@@ -58,3 +58,43 @@ def test_words_are_scored_independently_and_empty_is_empty(detector):
         alone = detector.detect(image, [word])[0]
         assert alone.box == joint.box and alone.confidence == pytest.approx(joint.confidence, abs=1e-6)
     assert detector.detect(image, []) == []
+
+
+class RecordingProcessor:
+    """The detector's processor, recording the size of every image it is given."""
+
+    def __init__(self, processor):
+        self.processor, self.sizes = processor, []
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, images, **kwargs):
+        self.sizes.extend(image.size for image in images)
+        return self.processor(images=images, **kwargs)
+
+
+@pytest.mark.parametrize("size", [*ODD_SIZES, (1000, 700)], ids=str)
+def test_any_image_size_is_detected_in_its_own_pixels(detector, size, monkeypatch):
+    recording = RecordingProcessor(detector.processor)
+    monkeypatch.setattr(detector, "processor", recording)
+    image = odd_image(size)
+    detections = detector.detect(image, WORDS)
+    assert len(detections) == len(WORDS)
+    for detection in detections:
+        if detection is not None:
+            left, top, right, bottom = detection.box
+            assert 0 <= left < right <= image.width and 0 <= top < bottom <= image.height
+    (fed,) = recording.sizes
+    side = detector.processor.image_processor.size.height
+    assert min(fed) >= OWLV2_MIN_SIDE and max(fed) <= OWLV2_MAX_SIDE_FACTOR * side * OWLV2_MIN_SIDE
+
+
+def test_a_large_image_gets_the_boxes_of_its_scaled_down_copy_scaled_back(detector):
+    image = noise_image(11, height=700, width=1000)
+    fed = detector._bounded(image)
+    assert fed.size == (128, 90)
+    scale = image.width / fed.width
+    for big, small in zip(detector.detect(image, WORDS), detector.detect(fed, WORDS), strict=True):
+        assert big.confidence == pytest.approx(small.confidence, abs=1e-6)
+        assert max(abs(b - s * scale) for b, s in zip(big.box, small.box, strict=True)) <= scale

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from safejudge.backends.tiny import ensure_tiny_model
 from safejudge.backends.trtllm import (
+    MAX_ASPECT,
     PIXELS_PER_VISUAL_TOKEN,
     SCORE_SAMPLING,
     SUPPORTED_MODEL_TYPES,
@@ -320,6 +321,17 @@ def test_fit_pixel_budget_keeps_small_images_and_aspect():
     fitted = fit_pixel_budget(Image.new("RGB", (3000, 1000)), 1280 * PIXELS_PER_VISUAL_TOKEN)
     assert fitted.width * fitted.height <= 1280 * PIXELS_PER_VISUAL_TOKEN
     assert abs(fitted.width / fitted.height - 3.0) < 0.01
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 3), (2, 4000), (4000, 2), (1, 16384), (16384, 1), (16384, 2441)], ids=str)
+@pytest.mark.parametrize("budget", [PIXELS_PER_VISUAL_TOKEN, 1280 * PIXELS_PER_VISUAL_TOKEN])
+def test_fit_pixel_budget_makes_any_size_fit_the_qwen_processor(size, budget):
+    image = Image.new("RGB", size)
+    fitted = fit_pixel_budget(image, budget)
+    assert fitted.width * fitted.height <= budget
+    assert max(fitted.size) / min(fitted.size) <= 200, "smart_resize refuses more"
+    if max(size) / min(size) <= MAX_ASPECT and size[0] * size[1] <= budget:
+        assert fitted is image
 
 
 # -- checkpoints --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ serving needs neither transformers nor torch. `export_clip` (engine_build/export
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,10 @@ IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 EXPORT_FILES = (META_FILE, IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)  # all an export is; its fingerprint hashes them
+# Only the middle of the shortest-edge resize survives the centre crop (a square's worth in every CLIP
+# config); cutting a longer source down to this long/short ratio first keeps that middle and bounds the
+# resize, which would otherwise make a 2x4000 banner 224x448000 pixels.
+CLIP_MAX_ASPECT = 4
 # ONNX Runtime and PyTorch order float sums differently; more than this is an export bug, not rounding.
 EXPORT_TOLERANCE = 1e-3
 
@@ -46,6 +51,16 @@ class ClipOnnxMeta(BaseModel):
 def _l2_normalise(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float32)
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+
+
+def _centre_crop_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
+    width, height = image.size
+    long = math.floor(max_aspect * min(width, height))
+    if width > long:
+        return image.crop(((width - long) // 2, 0, (width - long) // 2 + long, height))
+    if height > long:
+        return image.crop((0, (height - long) // 2, width, (height - long) // 2 + long))
+    return image
 
 
 class OnnxClipEncoder:
@@ -77,13 +92,14 @@ class OnnxClipEncoder:
         self.tokenizer.enable_padding(pad_id=self.meta.pad_token_id)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """CLIP preprocessing as transformers' CLIP image processor does it: shortest edge, centre crop."""
+        """CLIP preprocessing as transformers' CLIP image processor does it: shortest edge, centre crop
+        (beyond CLIP_MAX_ASPECT the source is centre-cropped first, which the final crop hides)."""
         meta = self.meta
         mean = np.asarray(meta.image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(meta.image_std, dtype=np.float32)[:, None, None]
         batch = []
         for image in images:
-            image = image.convert("RGB")
+            image = _centre_crop_aspect(image.convert("RGB"), CLIP_MAX_ASPECT)
             width, height = image.size
             short, long = (width, height) if width <= height else (height, width)
             new_long = int(meta.resize_shortest_edge * long / short)

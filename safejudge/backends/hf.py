@@ -28,6 +28,7 @@ from transformers import (
 from safejudge.backends.base import MLLMStats
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.fingerprint import hf_fingerprint
+from safejudge.images import conform
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,6 +56,12 @@ PROCESSORS: dict[str, type] = {
     "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
     "idefics3": Idefics3Processor,
 }
+
+# config.model_type -> the largest long/short side ratio its image processor takes. Qwen2(.5)-VL's
+# smart_resize raises "absolute aspect ratio must be smaller than 200" above 200 (transformers 5.24); it
+# scales small images up to its min_pixels itself, so any side of 1 or more is fine. Idefics3 resizes any
+# size and shape (sides at least 1) and is not listed.
+MAX_ASPECT: dict[str, float] = {"qwen2_vl": 200, "qwen2_5_vl": 200}
 
 # Processor outputs that carry one value per token (sliced with the prompt), as opposed to image tensors.
 _TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -96,6 +103,7 @@ class HFVisionLanguageModel:
         # Qwen2-VL places image tokens on a 2-D M-RoPE grid; text after the image continues from the grid's
         # largest position, not from the token count, so reused caches need these positions explicitly.
         self._rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+        self.max_aspect = MAX_ASPECT.get(model.config.model_type)
         self.stats = MLLMStats()
 
     @classmethod
@@ -145,6 +153,7 @@ class HFVisionLanguageModel:
     def _encode(self, texts: Sequence[str], image: Image.Image | None):
         if image is None:
             return self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        image = conform(image, max_aspect=self.max_aspect)
         return self.processor(text=list(texts), images=[image] * len(texts), return_tensors="pt", padding=True)
 
     def _shared_prefix(self, prompts: Sequence[str], image: Image.Image | None) -> tuple[dict, list[list[int]]]:

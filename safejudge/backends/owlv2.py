@@ -12,6 +12,15 @@ from transformers.image_transforms import center_to_corners_format
 
 from safejudge.backends.base import Detection
 from safejudge.fingerprint import hf_fingerprint
+from safejudge.images import conform
+
+# transformers guesses the channel axis of an image 1 or 3 pixels wide (rightly, with a warning per
+# image); from 4 pixels on there is nothing to guess.
+OWLV2_MIN_SIDE = 4
+# The processor pads to a square of the longer side, in float, at full resolution, before resizing to its
+# input side (a 16384-pixel side would take gigabytes): larger images are first scaled down to this many
+# input sides, enough for its anti-aliased resize to work on.
+OWLV2_MAX_SIDE_FACTOR = 2
 
 
 class Owlv2Detector:
@@ -38,22 +47,36 @@ class Owlv2Detector:
             fingerprint=hf_fingerprint(source),
         )
 
+    def _bounded(self, image: Image.Image) -> Image.Image:
+        size = self.processor.image_processor.size
+        limit = OWLV2_MAX_SIDE_FACTOR * max(size.height, size.width)
+        if max(image.size) <= limit:
+            return image
+        scale = limit / max(image.size)
+        return image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+        )
+
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         """The most confident box for each word in pixel coordinates of `image`; confidence = sigmoid(logit).
 
         None for a word whose best box lies entirely outside the image (possible: OWLv2 sees the image
-        padded to a square at the bottom and right).
+        padded to a square at the bottom and right) or rounds to no pixel of an image a few pixels wide.
         """
         if not words:
             return []
-        image = image.convert("RGB")
+        original = image
+        image = conform(self._bounded(image.convert("RGB")), min_side=OWLV2_MIN_SIDE)
         inputs = self.processor(text=[list(words)], images=[image], return_tensors="pt")
         with torch.inference_mode():
             outputs = self.model(**inputs)
         scores = torch.sigmoid(outputs.logits[0].float())  # [boxes, words]
-        # Boxes are (cx, cy, w, h) relative to the padded square whose side is the image's longer side.
+        # Boxes are (cx, cy, w, h) relative to the padded square whose side is the image's longer side;
+        # they are mapped back to the pixels of the image the caller passed.
         side = max(image.width, image.height)
         corners = center_to_corners_format(outputs.pred_boxes[0].float()) * side
+        scale = torch.tensor([original.width / image.width, original.height / image.height] * 2)
+        corners = corners * scale
         best = scores.argmax(dim=0)
         detections: list[Detection | None] = []
         for word_index, box_index in enumerate(best.tolist()):
@@ -61,8 +84,8 @@ class Owlv2Detector:
             box = (
                 max(0, round(left)),
                 max(0, round(top)),
-                min(image.width, round(right)),
-                min(image.height, round(bottom)),
+                min(original.width, round(right)),
+                min(original.height, round(bottom)),
             )
             if box[2] <= box[0] or box[3] <= box[1]:
                 detections.append(None)

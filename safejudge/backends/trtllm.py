@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.fingerprint import hf_fingerprint
+from safejudge.images import conform
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 TRTLLM_VERSION = "1.2.1"
@@ -50,6 +51,11 @@ TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 SUPPORTED_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 # Qwen2(.5)-VL cut images into 14-pixel patches and merge 2x2 patches into one LLM token.
 PIXELS_PER_VISUAL_TOKEN = 28 * 28
+# TensorRT-LLM's Qwen2-VL input processor runs transformers' Qwen2VLImageProcessor, whose smart_resize
+# refuses a long/short side ratio above 200. Padding to half of that leaves room for the rounding of the
+# scale-down to max_image_pixels that follows: at the smallest budget (784 pixels) a 100:1 image becomes
+# 280x2.8, floored to 280x2, which is 140:1.
+MAX_ASPECT = 100
 # System turn, one question and the chat markup, with room to spare.
 TEXT_TOKEN_ALLOWANCE = 512
 # A logits row may be cast (bf16 -> fp32) after the sampler read it: allow that much below the maximum.
@@ -238,11 +244,13 @@ def inspect_checkpoint(directory: str | Path) -> CheckpointReport:
 
 
 def fit_pixel_budget(image: Image.Image, max_pixels: int) -> Image.Image:
-    """The image scaled down (aspect kept) to at most max_pixels; smaller images are returned as they are.
+    """The image padded to MAX_ASPECT (safejudge.images.conform) and scaled down (aspect kept) to at most
+    max_pixels; images that fit are returned as they are.
 
     The Qwen2-VL processor would otherwise turn a 12-megapixel photo into about 16k image tokens, past
-    any sensible max_num_tokens.
+    any sensible max_num_tokens. It scales small images up itself.
     """
+    image = conform(image, max_aspect=MAX_ASPECT)
     width, height = image.size
     if width * height <= max_pixels:
         return image
