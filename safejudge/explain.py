@@ -165,7 +165,7 @@ def _rule_table(rule: RuleExplanation, thresholds: Mapping[str, float]) -> Table
             text.append(f"\n{evidence.rationale}", style="italic dim")
         table.add_row(
             item_label(evidence, rule), text, score_text(evidence), _number(evidence.prior),
-            _number(evidence.score_without_center), _word(evidence.outcome), deciding_test(evidence),
+            _number(evidence.score_without_center), Text(_word(evidence.outcome)), Text(deciding_test(evidence)),
         )
     return table
 
@@ -175,7 +175,8 @@ def _views_table(views: list[Strategy2View]) -> Table:
     for name in ("central object", "view", "box (l, t, r, b)", "confidence"):
         table.add_column(name, no_wrap=True)
     for view in views:
-        table.add_row(view.central_object, _word(view.kind), ", ".join(map(str, view.box)), f"{view.confidence:.3f}")
+        table.add_row(Text(view.central_object), Text(_word(view.kind)), ", ".join(map(str, view.box)),
+                      f"{view.confidence:.3f}")
     return table
 
 
@@ -185,7 +186,7 @@ def _skipped_table(rules: list[RuleExplanation], thresholds: Mapping[str, float]
     table.add_column("title", ratio=1, overflow="fold")
     table.add_column("relevance", no_wrap=True)
     for rule in rules:
-        table.add_row(rule.rule_id, rule.title, relevance_text(rule, thresholds))
+        table.add_row(rule.rule_id, Text(rule.title), relevance_text(rule, thresholds))
     return table
 
 
