@@ -313,6 +313,26 @@ def test_cli_url_asks_the_server_to_explain_and_recomputes_the_views(toy_scene_p
     assert result.exit_code == 2 and "exclude each other" in result.output
 
 
+def test_cli_url_takes_the_client_flags_of_judge(toy_scene_png, tmp_path, monkeypatch):
+    import safejudge_client
+
+    class Constructed(Exception):
+        pass
+
+    def record(url, **kwargs):
+        raise Constructed(url, kwargs)
+
+    monkeypatch.setattr(safejudge_client, "JudgeClient", record)
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    result = _run(["explain", str(toy_scene_png), "-c", "toy-world", "--url", "judge.example:8001", "--token-file",
+                   str(token), "--tls-ca", "ca.pem", "--retries", "0", "--timeout", "5"], tmp_path, monkeypatch)
+    assert isinstance(result.exception, Constructed), result.output
+    assert result.exception.args == ("judge.example:8001", {
+        "timeout_s": 5.0, "ssl": True, "root_certificates": "ca.pem", "token": "secret", "retries": 0,
+    })
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
