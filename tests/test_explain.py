@@ -88,7 +88,7 @@ def scripted_models() -> tuple[Models, ScriptedMLLM]:
         },
         image_vector=unit[0],
     )
-    mllm = ScriptedMLLM(IMAGE, SCORES, PRIOR, VIEW, {
+    mllm = ScriptedMLLM(IMAGE, dict(SCORES), dict(PRIOR), dict(VIEW), {
         "a person is visible": json.dumps({"rating": "Yes", "rationale": RATIONALE})
     })
     detector = ScriptedDetector({"knife": Detection(KNIFE_BOX, 0.9), "flame": Detection(FLAME_BOX, 0.8)})
@@ -223,6 +223,30 @@ def test_the_page_is_self_contained_escaped_and_shows_the_engines_views(explaine
     assert [view.tobytes() for view in views] == [
         remove_region(IMAGE, KNIFE_BOX).tobytes(), crop_region(IMAGE, FLAME_BOX).tobytes()
     ]
+
+
+def test_every_judged_frame_is_explained_and_matched_to_the_decoded_frames():
+    from types import SimpleNamespace
+
+    from safejudge.evaluators import judge_frames
+    from safejudge.explain import ExplainError, judged_frames
+
+    models, _ = scripted_models()
+    other = IMAGE.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # not the scripted image: scored as a view
+    models.mllm.view.update({text: 0.0 for text in PRIOR})
+    verdict = judge_frames([IMAGE, other], compile_constitution(constitution(), models), models,
+                           JudgeOptions(explain=True), frame_indices=[0, 5], frame_count=9)
+    assert [frame.frame for frame in verdict.explanation.frames] == [0, 5]
+    first, second = verdict.explanation.frames
+    assert first.rules[0].outcome == Outcome.SATISFIED and second.rules[0].outcome == Outcome.FAILED
+    assert {e.frame for rule in second.rules for e in rule.preconditions} == {5}
+
+    decoded = SimpleNamespace(frames=[IMAGE, other], frame_indices=[0, 5])
+    assert judged_frames(verdict, decoded) == {0: IMAGE, 5: other}
+    page = html_page(verdict, judged_frames(verdict, decoded))
+    assert 'id="frame-0"' in page and 'id="frame-5"' in page and "Frame 5 of 9" in page
+    with pytest.raises(ExplainError, match=r"explains frames \[0, 5\] but the image decodes to frames \[0, 4\]"):
+        judged_frames(verdict, SimpleNamespace(frames=[IMAGE, other], frame_indices=[0, 4]))
 
 
 @pytest.fixture(scope="module")
