@@ -424,8 +424,10 @@ def judge(
 @app.command("explain")
 def explain(
     image: Path = typer.Argument(..., help="image file"),
-    constitution: str = CONSTITUTION_OPTION,
-    url: str = typer.Option(None, help=f"the server's gRPC address (host:port) [default: {DEFAULT_URL}]"),
+    constitution: str = typer.Option(
+        ..., "--constitution", "-c", help="name of a constitution the server serves (--local: in --constitutions)"
+    ),
+    url: str = typer.Option(None, help=f"the server's gRPC address, host:port (default {DEFAULT_URL})"),
     local: bool = typer.Option(False, "--local", help="judge in process with the model flags below, no server"),
     html: Path = typer.Option(None, "--html", help="also write the explanation as one self-contained HTML page"),
     mllm: str = MLLM_OPTION,
@@ -478,7 +480,8 @@ def explain(
     except (ServerUnavailable, AuthenticationError) as exc:
         _server_failure(url, exc)
     except (
-        ModelSpecError, UnknownConstitution, ImageError, UnsupportedQuestion, ExplainError, JudgeError, FileNotFoundError
+        ModelSpecError, UnknownConstitution, ImageError, UnsupportedQuestion, ExplainError, JudgeError,
+        FileNotFoundError,
     ) as exc:
         fail(" ".join(str(exc).split()))
     Console().print(terminal_view(explained.verdict))

@@ -128,7 +128,8 @@ def thresholds_text(thresholds: Mapping[str, float]) -> str:
     return (
         f"t {thresholds['relevance']:.2f} · α1 {thresholds['alpha1_factor']:g}·M0 · "
         f"α2 {thresholds['alpha2_factor']:g}·(1−M0) · β {thresholds['beta']:g} · "
-        f"detector > {thresholds['detector_confidence']:g} · crop < {thresholds['crop_area_fraction']:.0%} of the image"
+        f"detector > {thresholds['detector_confidence']:g} · "
+        f"crop < {thresholds['crop_area_fraction']:.0%} of the image"
     )
 
 

@@ -144,7 +144,8 @@ def test_explain_costs_no_model_call_and_is_absent_unless_asked():
     plain = judge_batched(IMAGE, compiled, plain_models)
     explained = judge_batched(IMAGE, compiled, explained_models, JudgeOptions(explain=True))
     assert plain.explanation is None and explained.explanation is not None
-    assert plain_mllm.score_calls == explained_mllm.score_calls and plain_mllm.reason_calls == explained_mllm.reason_calls
+    assert plain_mllm.score_calls == explained_mllm.score_calls
+    assert plain_mllm.reason_calls == explained_mllm.reason_calls
     assert plain.decision() == explained.decision() and plain.mllm_calls == explained.mllm_calls
     assert JudgeOptions.model_validate_json('{"explain": true}').explain
 
@@ -180,7 +181,8 @@ def test_the_terminal_view_is_readable_at_100_columns(explained):
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 100
     for expected in ("UNSAFE", "r0", "r1", "r2", "r3", "relevance 0.200 ≤ t 0.22", "β: Strategy 2", "α1: absent",
-                     "α2: present", "reasoning", "0.970 (crop)", "stick figure", "knife", "removed", "20, 20, 110, 110"):
+                     "α2: present", "reasoning", "0.970 (crop)", "stick figure", "knife", "removed",
+                     "20, 20, 110, 110"):
         assert expected in text, expected
 
 
