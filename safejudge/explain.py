@@ -105,8 +105,7 @@ def rule_status(rule: RuleExplanation) -> str:
 def relevance_text(rule: RuleExplanation, thresholds: Mapping[str, float]) -> str:
     if rule.relevance is None:
         return "relevance filter off"
-    t = thresholds.get("relevance")
-    return f"relevance {rule.relevance:.3f} {'>' if rule.considered else '≤'} t {t:.2f}"
+    return f"relevance {rule.relevance:.3f} {'>' if rule.considered else '≤'} t {thresholds['relevance']:.2f}"
 
 
 def _number(value: float | None) -> str:
