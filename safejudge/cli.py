@@ -160,6 +160,21 @@ def _optional_spec(value: str | None) -> str | None:
     return None if value is None or value.lower() == "none" else value
 
 
+# The model flags of `serve`, shared with `explain --local`.
+MLLM_OPTION = typer.Option(
+    "demo:toy",
+    help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
+)
+RELEVANCE_OPTION = typer.Option(
+    "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
+)
+DETECTOR_OPTION = typer.Option(
+    "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
+)
+DTYPE_OPTION = typer.Option("float32", help="float32 | bfloat16")
+CONSTITUTIONS_OPTION = typer.Option(CONSTITUTIONS, help="directory of constitution YAML files (default: the shipped ones)")
+
+
 @app.command("serve")
 def serve(
     grpc_port: int = typer.Option(8001, help="gRPC port (0: any free port)"),
@@ -167,18 +182,11 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines"),
     http_host: str = typer.Option(None, help="address of the HTTP endpoint (no TLS; health probes) [default: --host]"),
-    mllm: str = typer.Option(
-        "demo:toy",
-        help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
-    ),
-    relevance: str = typer.Option(
-        "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
-    ),
-    detector: str = typer.Option(
-        "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
-    ),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    constitutions: Path = typer.Option(CONSTITUTIONS, help="directory of constitution YAML files (default: the shipped ones)"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    constitutions: Path = CONSTITUTIONS_OPTION,
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
     judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
@@ -339,34 +347,23 @@ def _read_token(path: Path) -> str:
     return token
 
 
-@app.command("judge")
-def judge(
-    images: list[Path] = typer.Argument(..., help="image files"),
-    constitution: str = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves"),
-    url: str = typer.Option("127.0.0.1:8001", help="the server's gRPC address (host:port)"),
-    options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
-    timeout: float = typer.Option(120.0, help="seconds per image"),
-    as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
-    retries: int = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)"),
-    token_file: Path = typer.Option(None, "--token-file", help="file holding the server's access token"),
-    tls_ca: Path = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)"),
-    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)"),
-    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
-) -> None:
-    """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
-    import json
+DEFAULT_URL = "127.0.0.1:8001"
+CONSTITUTION_OPTION = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves")
+TIMEOUT_OPTION = typer.Option(120.0, help="seconds per image")
+RETRIES_OPTION = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)")
+TOKEN_FILE_OPTION = typer.Option(None, "--token-file", help="file holding the server's access token")
+TLS_CA_OPTION = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)")
+TLS_CERT_OPTION = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)")
+TLS_KEY_OPTION = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert")
 
-    from rich.console import Console
-    from rich.table import Table
 
-    from safejudge_client import AuthenticationError, JudgeClient, JudgeError, ServerUnavailable
+def _client(
+    url: str, timeout: float, retries: int | None, token_file: Path | None,
+    tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+):
+    """A JudgeClient from the client flags of `judge` and `explain`, or one readable error."""
+    from safejudge_client import JudgeClient
 
-    try:
-        request_options = json.loads(options) if options is not None else None
-    except json.JSONDecodeError as exc:
-        fail(f"--options is not valid JSON: {exc}")
-    if request_options is not None and not isinstance(request_options, dict):
-        fail("--options must be a JSON object")
     tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
     given = {name: str(path) for name, path in tls.items() if path is not None}
     if token_file is not None:
@@ -374,9 +371,48 @@ def judge(
     if retries is not None:  # else the client's default
         given["retries"] = retries
     try:
-        client = JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
+        return JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+
+
+def _server_failure(url: str, exc: Exception) -> NoReturn:
+    """Fail on what no other image could fix: the server is unreachable or refuses the credentials."""
+    from safejudge_client import ServerUnavailable
+
+    what = " unavailable" if isinstance(exc, ServerUnavailable) else ""
+    fail(f"server at {url}{what}: {' '.join(str(exc).split())}")
+
+
+@app.command("judge")
+def judge(
+    images: list[Path] = typer.Argument(..., help="image files"),
+    constitution: str = CONSTITUTION_OPTION,
+    url: str = typer.Option(DEFAULT_URL, help="the server's gRPC address (host:port)"),
+    options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
+    timeout: float = TIMEOUT_OPTION,
+    as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+    retries: int = RETRIES_OPTION,
+    token_file: Path = TOKEN_FILE_OPTION,
+    tls_ca: Path = TLS_CA_OPTION,
+    tls_cert: Path = TLS_CERT_OPTION,
+    tls_key: Path = TLS_KEY_OPTION,
+) -> None:
+    """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from safejudge_client import AuthenticationError, JudgeError, ServerUnavailable
+
+    try:
+        request_options = json.loads(options) if options is not None else None
+    except json.JSONDecodeError as exc:
+        fail(f"--options is not valid JSON: {exc}")
+    if request_options is not None and not isinstance(request_options, dict):
+        fail("--options must be a JSON object")
+    client = _client(url, timeout, retries, token_file, tls_ca, tls_cert, tls_key)
     table = Table(expand=True)
     table.add_column("image", overflow="fold", ratio=1)
     for name in ("verdict", "MLLM calls", "ms"):
@@ -388,10 +424,8 @@ def judge(
         for image in images:
             try:
                 verdict = client.judge(image, constitution, request_options)
-            except ServerUnavailable as exc:
-                fail(f"server at {url} unavailable: {' '.join(str(exc).split())}")
-            except AuthenticationError as exc:
-                fail(f"server at {url}: {' '.join(str(exc).split())}")
+            except (ServerUnavailable, AuthenticationError) as exc:
+                _server_failure(url, exc)
             except (JudgeError, OSError, ValueError) as exc:
                 typer.echo(f"error: {image}: {' '.join(str(exc).split())}", err=True)
                 errors += 1
@@ -457,6 +491,79 @@ def status(
     for problem in found.problems:
         console.print(f"[yellow]{problem}[/yellow]")
     raise typer.Exit(0 if found.ready else 1)
+
+
+@app.command("explain")
+def explain(
+    image: Path = typer.Argument(..., help="image file"),
+    constitution: str = typer.Option(
+        ..., "--constitution", "-c", help="name of a constitution the server serves (--local: in --constitutions)"
+    ),
+    url: str = typer.Option(None, help=f"the server's gRPC address, host:port (default {DEFAULT_URL})"),
+    local: bool = typer.Option(False, "--local", help="judge in process with the model flags below, no server"),
+    html: Path = typer.Option(None, "--html", help="also write the explanation as one self-contained HTML page"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    constitutions: Path = CONSTITUTIONS_OPTION,
+    timeout: float = TIMEOUT_OPTION,
+    retries: int = RETRIES_OPTION,
+    token_file: Path = TOKEN_FILE_OPTION,
+    tls_ca: Path = TLS_CA_OPTION,
+    tls_cert: Path = TLS_CERT_OPTION,
+    tls_key: Path = TLS_KEY_OPTION,
+) -> None:
+    """One verdict made readable: every rule's relevance, every precondition's scores and deciding test, the
+    Strategy 2 views and the reasoning. On a server (--url) or in process (--local, with the model flags of
+    `serve`). Exit 0: safe, 1: unsafe, 2: errors."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from safejudge.backends.base import UnsupportedQuestion
+    from safejudge.backends.registry import ModelSpecError, coherent_spec
+    from safejudge.explain import ExplainError, explain_local, explain_served, html_page, terminal_view
+    from safejudge.images import ImageError
+    from safejudge.store import UnknownConstitution
+    from safejudge_client import AuthenticationError, JudgeError, ServerUnavailable
+
+    if local and url is not None:
+        fail("--url and --local exclude each other: judge on a server or in process")
+    try:
+        data = image.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {image}: {exc}")
+    try:
+        if local:
+            spec, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
+            for note in notes:
+                typer.echo(f"models: {note}", err=True)
+            if mllm.startswith("demo:"):
+                from safejudge.backends.onnx_demo import TOY_WARNING
+
+                typer.echo(f"NOTE: {TOY_WARNING}.", err=True)
+            explained = explain_local(data, constitution, spec, constitutions)
+        else:
+            url = url or DEFAULT_URL
+            with _client(url, timeout, retries, token_file, tls_ca, tls_cert, tls_key) as client:
+                explained = explain_served(data, constitution, client)
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except (ServerUnavailable, AuthenticationError) as exc:
+        _server_failure(url, exc)
+    except (
+        ModelSpecError, UnknownConstitution, ImageError, UnsupportedQuestion, ExplainError, JudgeError,
+        FileNotFoundError,
+    ) as exc:
+        fail(" ".join(str(exc).split()))
+    Console().print(terminal_view(explained.verdict))
+    if html is not None:
+        try:
+            html.write_text(html_page(explained.verdict, explained.frames), encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write --html {html}: {exc}")
+        typer.echo(f"wrote {html}")
+    raise typer.Exit(0 if explained.verdict.safe else 1)
 
 
 TOY_CONSTITUTION_OPTION = typer.Option(None, "--constitution", help="a toy-world constitution (default: constitutions/toy-world.yaml)")

@@ -30,7 +30,19 @@ from safejudge.decision import (
     strategy2_decision,
 )
 from safejudge.images import box_area_fraction, crop_region, remove_region
-from safejudge_client.verdict import DecidedBy, Outcome, PreconditionEvidence, Timing, Verdict, Violation
+from safejudge_client.verdict import (
+    DecidedBy,
+    Explanation,
+    FrameExplanation,
+    Outcome,
+    PreconditionEvidence,
+    RuleExplanation,
+    Strategy2View,
+    Timing,
+    Verdict,
+    ViewKind,
+    Violation,
+)
 
 
 class JudgeOptions(BaseModel):
@@ -52,6 +64,11 @@ class JudgeOptions(BaseModel):
     strategy2: bool = True
     fail_closed: bool = Field(
         True, description="garbage reasoning output or an exhausted budget counts as the content being visible"
+    )
+    explain: bool = Field(
+        False,
+        description="add Verdict.explanation: every rule's relevance and outcome, every precondition's evidence, "
+        "the Strategy 2 boxes",
     )
 
     @field_validator("thresholds")
@@ -80,6 +97,7 @@ class Assessment:
     outcome: Outcome = Outcome.NOT_EVALUATED
     decided_by: DecidedBy = DecidedBy.NONE
     rationale: str | None = None
+    view: ViewKind | None = None  # the Strategy 2 view it was scored on
     reasoning_image: Image.Image | None = field(default=None, repr=False)
 
 
@@ -123,19 +141,21 @@ def _relevant_rules(
     thresholds: Thresholds,
     options: JudgeOptions,
     image_embedding: np.ndarray | None = None,
-) -> tuple[list[Rule], list[Rule]]:
+) -> tuple[list[Rule], list[Rule], dict[str, float]]:
     """The paper's relevance scan: keep a rule iff cos(CLIP(image), CLIP(rule text)) > t.
 
+    Returns the kept rules, the skipped ones and every rule's cosine by id (empty when the scan did not run).
     image_embedding, when given, was computed upstream (the server's relevance stage)."""
     if not options.relevance_filter or (models.relevance is None and image_embedding is None):
-        return rules, []
+        return rules, [], {}
     text_embeddings = rule_embeddings()
     if image_embedding is None:
         image_embedding = np.asarray(models.relevance.embed_images([image]), dtype=np.float32)[0]
-    similarity = np.asarray(text_embeddings, dtype=np.float32) @ image_embedding
-    kept = [rule for rule, s in zip(rules, similarity, strict=True) if s > thresholds.relevance]
-    skipped = [rule for rule, s in zip(rules, similarity, strict=True) if s <= thresholds.relevance]
-    return kept, skipped
+    cosines = np.asarray(text_embeddings, dtype=np.float32) @ image_embedding
+    similarity = dict(zip((rule.id for rule in rules), cosines.tolist(), strict=True))
+    kept = [rule for rule in rules if similarity[rule.id] > thresholds.relevance]
+    skipped = [rule for rule in rules if similarity[rule.id] <= thresholds.relevance]
+    return kept, skipped, similarity
 
 
 def _apply_quick(assessment: Assessment, thresholds: Thresholds) -> None:
@@ -143,36 +163,44 @@ def _apply_quick(assessment: Assessment, thresholds: Thresholds) -> None:
     assessment.outcome, assessment.decided_by = decision.outcome, decision.decided_by
 
 
+def strategy2_view(image: Image.Image, box: tuple[int, int, int, int], kind: ViewKind) -> Image.Image:
+    """The view Strategy 2 scores: the image with the box removed, or the box's crop."""
+    return crop_region(image, box) if kind == ViewKind.CROP else remove_region(image, box)
+
+
 def _strategy2(
     image: Image.Image, pending: list[Assessment], counter: _CallCounter, thresholds: Thresholds
-) -> None:
+) -> list[Strategy2View]:
     """Non-central bias: compare with the central object removed (or zoom in on a tiny one).
 
-    One detector call for every distinct central-object word, then one scoring call per view.
+    One detector call for every distinct central-object word, then one scoring call per view. Returns the
+    views it scored (their boxes; the verdict's explanation).
     """
     detector = counter.models.detector
     candidates = [a for a in pending if a.central_object]
     if detector is None or not candidates:
-        return
+        return []
     words = list(dict.fromkeys(a.central_object for a in candidates))
     detections: dict[str, Detection | None] = dict(zip(words, detector.detect(image, words), strict=True))
     by_view: dict[str, list[Assessment]] = {}
-    views: dict[str, tuple[str, Image.Image]] = {}
+    views: dict[str, tuple[Strategy2View, Image.Image]] = {}
     for word, detection in detections.items():
         if detection is None or detection.confidence <= thresholds.detector_confidence:
             continue
-        if box_area_fraction(image, detection) < thresholds.crop_area_fraction:
-            views[word] = ("crop", crop_region(image, detection.box))
-        else:
-            views[word] = ("removed", remove_region(image, detection.box))
+        tiny = box_area_fraction(image, detection) < thresholds.crop_area_fraction
+        kind = ViewKind.CROP if tiny else ViewKind.REMOVED
+        described = Strategy2View(central_object=word, box=detection.box, confidence=detection.confidence, kind=kind)
+        views[word] = (described, strategy2_view(image, detection.box, kind))
     for assessment in candidates:
         if assessment.central_object in views:
             by_view.setdefault(assessment.central_object, []).append(assessment)
     for word, group in by_view.items():
-        kind, view = views[word]
+        described, view = views[word]
+        kind = described.kind
         view_scores = counter.score(view, [a.text for a in group])
         for assessment, view_score in zip(group, view_scores, strict=True):
-            if kind == "removed":
+            assessment.view = kind
+            if kind == ViewKind.REMOVED:
                 assessment.score_without_center = float(view_score)
                 decision = strategy2_decision(assessment.score, assessment.score_without_center, thresholds)
             else:
@@ -181,6 +209,7 @@ def _strategy2(
                 assessment.reasoning_image = view
                 decision = quick_decision(assessment.score, assessment.prior, thresholds)
             assessment.outcome, assessment.decided_by = decision.outcome, decision.decided_by
+    return [described for described, _ in views.values()]
 
 
 def _reason(
@@ -216,20 +245,17 @@ def _describe(a: Assessment) -> str:
     return f"'{a.text}' ({a.decided_by.value}: M={a.score:.2f}, prior {a.prior:.2f})"
 
 
-def _violation(
-    rule: Rule, assessments: dict[tuple, Assessment], options: JudgeOptions, frame: int = 0, frames: Sequence[int] = (0,)
-) -> Violation:
-    evidence: list[PreconditionEvidence] = []
-    reasons: list[str] = []
+def _evidence(
+    rule: Rule, assessments: dict[tuple, Assessment], frame: int, unevaluated: bool = False
+) -> list[PreconditionEvidence]:
+    """The evidence of each alternative of the rule's chain that was evaluated; with unevaluated, of every
+    alternative (not_evaluated, without scores, where nothing was learned)."""
+    evidence = []
     for item_index, item in enumerate(rule.preconditions):
-        held = False
         for alt_index, alt in enumerate(item):
-            a = assessments.get((alt.text, alt.central_object))
-            if a is None or a.outcome == Outcome.NOT_EVALUATED:
+            a = assessments.get((alt.text, alt.central_object)) or Assessment(alt.text, alt.central_object)
+            if a.outcome == Outcome.NOT_EVALUATED and not unevaluated:
                 continue
-            if a.outcome == Outcome.SATISFIED and not held:
-                reasons.append(_describe(a))
-                held = True
             evidence.append(
                 PreconditionEvidence(
                     item=item_index,
@@ -242,15 +268,30 @@ def _violation(
                     decided_by=a.decided_by,
                     rationale=a.rationale,
                     frame=frame,
+                    central_object=a.central_object,
+                    view=a.view,
                 )
             )
+    return evidence
+
+
+def _violation(
+    rule: Rule, assessments: dict[tuple, Assessment], options: JudgeOptions, frame: int, frames: Sequence[int]
+) -> Violation:
+    def first_holding(item) -> Assessment:  # in a violated rule, every item has one
+        return next(
+            a for alt in item
+            if (a := assessments.get((alt.text, alt.central_object))) is not None and a.outcome == Outcome.SATISFIED
+        )
+
+    reasons = [_describe(first_holding(item)) for item in rule.preconditions]
     return Violation(
         rule_id=rule.id,
         title=rule.title,
         category=rule.category,
         severity=rule.severity.value,
         reason="all preconditions hold: " + "; ".join(reasons),
-        evidence=evidence if options.evidence == "full" else [],
+        evidence=_evidence(rule, assessments, frame) if options.evidence == "full" else [],
         frames=list(frames),
     )
 
@@ -261,36 +302,6 @@ def _rule_outcome(rule: Rule, assessments: dict[tuple, Assessment]) -> Outcome:
         return a.outcome if a is not None else Outcome.NOT_EVALUATED
 
     return chain_outcome(item_outcome(alt_outcome(alt) for alt in item) for item in rule.preconditions)
-
-
-def _verdict(
-    compiled: CompiledConstitution,
-    relevant: list[Rule],
-    skipped: list[Rule],
-    assessments: dict[tuple, Assessment],
-    counter: _CallCounter,
-    clock: _Clock,
-    options: JudgeOptions,
-    evaluator: str,
-    started: float,
-) -> Verdict:
-    violated = [rule for rule in relevant if _rule_outcome(rule, assessments) == Outcome.SATISFIED]
-    clock.add("total_ms", started)
-    constitution = compiled.constitution
-    return Verdict(
-        safe=not violated,
-        constitution=constitution.name,
-        constitution_version=constitution.version,
-        violations=[_violation(rule, assessments, options) for rule in violated],
-        rules_considered=[rule.id for rule in relevant],
-        rules_skipped_by_relevance=[rule.id for rule in skipped],
-        mllm_calls=counter.calls,
-        questions_scored=counter.questions_scored,
-        reasoning_calls=counter.reasoning_calls,
-        evaluator=evaluator,
-        model_id=counter.models.mllm.model_id,
-        timing=clock.timing,
-    )
 
 
 def judge_sequential(
@@ -304,12 +315,13 @@ def judge_sequential(
     rules = compiled.rules
 
     t = time.perf_counter()
-    relevant, skipped = _relevant_rules(
+    relevant, skipped, relevance = _relevant_rules(
         image, rules, lambda: models.relevance.embed_texts([r.text for r in rules]), models, thresholds, options
     )
     clock.add("relevance_ms", t)
 
     assessments: dict[tuple, Assessment] = {}
+    views: dict[str, Strategy2View] = {}
     for rule in relevant:
         for item in rule.preconditions:
             item_holds = False
@@ -323,7 +335,7 @@ def judge_sequential(
                 clock.add("scoring_ms", t)
                 if a.outcome == Outcome.INCONCLUSIVE and options.strategy2:
                     t = time.perf_counter()
-                    _strategy2(image, [a], counter, thresholds)
+                    views.update((view.central_object, view) for view in _strategy2(image, [a], counter, thresholds))
                     clock.add("strategy2_ms", t)
                 if a.outcome == Outcome.INCONCLUSIVE:
                     t = time.perf_counter()
@@ -334,7 +346,8 @@ def judge_sequential(
                     break
             if not item_holds:
                 break  # one failed item clears the rule: the paper stops checking it
-    return _verdict(compiled, relevant, skipped, assessments, counter, clock, options, "sequential", started)
+    result = _FrameResult(relevant, skipped, assessments, relevance, list(views.values()))
+    return _verdict_of_frames(compiled, [result], [0], 1, counter, clock, options, thresholds, started, "sequential")
 
 
 def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list[Assessment]:
@@ -355,11 +368,14 @@ def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list
 
 @dataclass
 class _FrameResult:
-    """What one frame's judgement found: the relevance split and every precondition's assessment."""
+    """What one frame's judgement found: the relevance split and cosines, every precondition's assessment
+    and the Strategy 2 views scored."""
 
     relevant: list[Rule]
     skipped: list[Rule]
     assessments: dict[tuple, Assessment]
+    relevance: dict[str, float]
+    views: list[Strategy2View]
 
     @property
     def violated(self) -> list[Rule]:
@@ -379,7 +395,7 @@ def _judge_frame(
     """The engine on one image: one scoring call for all questions of all relevant rules, priors from the
     compiled constitution, then Strategy 2 and reasoning, each batched, only where a verdict depends on it."""
     t = time.perf_counter()
-    relevant, skipped = _relevant_rules(
+    relevant, skipped, relevance = _relevant_rules(
         image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options, image_embedding
     )
     clock.add("relevance_ms", t)
@@ -396,9 +412,10 @@ def _judge_frame(
         _apply_quick(a, thresholds)
     clock.add("scoring_ms", t)
 
+    views = []
     if options.strategy2:
         t = time.perf_counter()
-        _strategy2(image, _pending(relevant, assessments), counter, thresholds)
+        views = _strategy2(image, _pending(relevant, assessments), counter, thresholds)
         clock.add("strategy2_ms", t)
 
     pending = _pending(relevant, assessments)
@@ -406,7 +423,7 @@ def _judge_frame(
         t = time.perf_counter()
         _reason(image, pending, counter, options)
         clock.add("reasoning_ms", t)
-    return _FrameResult(relevant, skipped, assessments)
+    return _FrameResult(relevant, skipped, assessments, relevance, views)
 
 
 def judge_batched(
@@ -453,7 +470,9 @@ def judge_frames(
             embedding = None if image_embeddings is None else image_embeddings[position]
             seen[key] = _judge_frame(frame, compiled, models, options, thresholds, counter, clock, embedding)
         results.append(seen[key])
-    return _verdict_of_frames(compiled, results, indices, frame_count or len(frames), counter, clock, options, started)
+    return _verdict_of_frames(
+        compiled, results, indices, frame_count or len(frames), counter, clock, options, thresholds, started, "batched"
+    )
 
 
 def _verdict_of_frames(
@@ -464,7 +483,9 @@ def _verdict_of_frames(
     counter: _CallCounter,
     clock: _Clock,
     options: JudgeOptions,
+    thresholds: Thresholds,
     started: float,
+    evaluator: str,
 ) -> Verdict:
     violated_in: dict[str, list[int]] = {}
     for result, index in zip(results, indices, strict=True):
@@ -494,13 +515,38 @@ def _verdict_of_frames(
         mllm_calls=counter.calls,
         questions_scored=counter.questions_scored,
         reasoning_calls=counter.reasoning_calls,
-        evaluator="batched",
+        evaluator=evaluator,
         model_id=counter.models.mllm.model_id,
         timing=clock.timing,
         frame_count=frame_count,
         frames_judged=indices,
         preconditions_decided=dict(sorted(decided.items())),
+        explanation=_explanation(compiled, results, indices, thresholds) if options.explain else None,
     )
+
+
+def _explanation(
+    compiled: CompiledConstitution, results: list[_FrameResult], indices: list[int], thresholds: Thresholds
+) -> Explanation:
+    """Every rule of every judged frame: its cosine, whether it was considered, its outcome and chain."""
+    frames = []
+    for result, index in zip(results, indices, strict=True):
+        considered = {rule.id for rule in result.relevant}
+        rules = [
+            RuleExplanation(
+                rule_id=rule.id,
+                title=rule.title,
+                text=rule.text,
+                severity=rule.severity.value,
+                relevance=result.relevance.get(rule.id),
+                considered=rule.id in considered,
+                outcome=_rule_outcome(rule, result.assessments) if rule.id in considered else Outcome.NOT_EVALUATED,
+                preconditions=_evidence(rule, result.assessments, index, unevaluated=True),
+            )
+            for rule in compiled.rules
+        ]
+        frames.append(FrameExplanation(frame=index, rules=rules, views=result.views))
+    return Explanation(thresholds=thresholds.model_dump(), frames=frames)
 
 
 EVALUATORS: dict[str, Callable[..., Verdict]] = {"sequential": judge_sequential, "batched": judge_batched}

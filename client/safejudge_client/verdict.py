@@ -48,6 +48,13 @@ class DecidedBy(str, Enum):
     NONE = "none"
 
 
+class ViewKind(str, Enum):
+    """How Strategy 2 made its view of the image from the central object's box."""
+
+    REMOVED = "removed"  # the box filled with the image's mean colour: M(x minus i, c) for the beta test
+    CROP = "crop"  # a box under crop_area_fraction of the image: the crop replaces the image
+
+
 class PreconditionEvidence(WireModel):
     """Scores and the deciding test for one alternative of one precondition item."""
 
@@ -63,6 +70,11 @@ class PreconditionEvidence(WireModel):
     decided_by: OpenEnum[DecidedBy]
     rationale: str | None = None
     frame: int = Field(0, description="file index of the frame (page) this evidence was measured on")
+    central_object: str | None = Field(None, description="the precondition's central object word (Strategy 2)")
+    view: OpenEnum[ViewKind] | None = Field(
+        None, description="the Strategy 2 view this precondition was scored on: removed (score_without_center) "
+        "or crop (score is the crop's); None: the image only"
+    )
 
 
 class Violation(WireModel):
@@ -75,6 +87,49 @@ class Violation(WireModel):
     reason: str
     evidence: list[PreconditionEvidence] = Field(default_factory=list)
     frames: list[int] = Field([0], description="file indices of the judged frames in which the rule is violated")
+
+
+class RuleExplanation(WireModel):
+    """One rule of the constitution on one frame: relevance, outcome and every precondition."""
+
+    rule_id: str
+    title: str
+    text: str
+    severity: str
+    relevance: float | None = Field(
+        None, description="cos(CLIP(image), CLIP(rule text)); None when the relevance filter did not run"
+    )
+    considered: bool = Field(description="kept by the relevance filter (False: skipped, nothing else evaluated)")
+    outcome: OpenEnum[Outcome] = Field(
+        description="satisfied: violated; failed: a precondition item fails; not_evaluated: skipped"
+    )
+    preconditions: list[PreconditionEvidence] = Field(
+        default_factory=list, description="every alternative of every item, not_evaluated where nothing was asked"
+    )
+
+
+class Strategy2View(WireModel):
+    """A view Strategy 2 scored: the central object's box, found by the detector. No pixels: a caller
+    recomputes the view from the image and the box (safejudge.evaluators.strategy2_view)."""
+
+    central_object: str
+    box: tuple[int, int, int, int] = Field(description="left, top, right, bottom in pixels of the frame")
+    confidence: float = Field(description="the detector's confidence in the box")
+    kind: OpenEnum[ViewKind]
+
+
+class FrameExplanation(WireModel):
+    frame: int = Field(description="file index of the judged frame")
+    rules: list[RuleExplanation] = Field(default_factory=list, description="every enabled rule, in constitution order")
+    views: list[Strategy2View] = Field(default_factory=list)
+
+
+class Explanation(WireModel):
+    """Everything behind a verdict (OPTIONS `{"explain": true}`): per judged frame, every rule's relevance and
+    outcome, every precondition's scores and deciding test, and the Strategy 2 views."""
+
+    thresholds: dict[str, float] = Field(default_factory=dict, description="the thresholds the verdict used")
+    frames: list[FrameExplanation] = Field(default_factory=list)
 
 
 class Timing(WireModel):
@@ -109,6 +164,7 @@ class Verdict(WireModel):
     preconditions_decided: dict[str, int] = Field(
         default_factory=dict, description="precondition statements judged, by the test that decided them (DecidedBy values)"
     )
+    explanation: Explanation | None = Field(None, description="only when the request asked for it (explain)")
 
     @property
     def violated_rule_ids(self) -> list[str]:
