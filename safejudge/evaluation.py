@@ -338,7 +338,7 @@ class MethodReport(Metrics):
     method: str
     description: str
     per_rule: dict[str, Metrics] = Field(default_factory=dict, description="empty when the method names no rules")
-    benign_false_positive_rate: float = Field(description="share of the benign split judged unsafe")
+    benign_false_positive_rate: float | None = Field(description="share of the benign images judged unsafe (None: none)")
     mllm_calls_per_image: float
     reasoning_calls_per_image: float
     ms_per_image: float = Field(description="in process: the method's own time; served: wall time / images")
@@ -358,7 +358,7 @@ class MethodReport(Metrics):
             description=METHOD_NAMES[name],
             **Metrics.of([item.unsafe for item in bench], [p.unsafe for p in predictions]).model_dump(),
             per_rule=per_rule,
-            benign_false_positive_rate=float(np.mean(benign)) if benign else 0.0,
+            benign_false_positive_rate=float(np.mean(benign)) if benign else None,
             mllm_calls_per_image=float(np.mean([p.mllm_calls for p in predictions])) if predictions else 0.0,
             reasoning_calls_per_image=float(np.mean([p.reasoning_calls for p in predictions])) if predictions else 0.0,
             ms_per_image=1000.0 * run.seconds / max(1, len(bench)),
@@ -491,7 +491,8 @@ def report_tables(report: EvalReport) -> list:
         overall.add_column(column, justify="left" if column == "method" else "right")
     for m in report.methods:
         overall.add_row(m.description, f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.accuracy:.3f}", f"{m.f1:.3f}",
-                        f"{m.benign_false_positive_rate:.3f}", f"{m.mllm_calls_per_image:.2f}",
+                        "-" if m.benign_false_positive_rate is None else f"{m.benign_false_positive_rate:.3f}",
+                        f"{m.mllm_calls_per_image:.2f}",
                         f"{m.reasoning_calls_per_image:.2f}", f"{m.ms_per_image:.1f}")
     per_rule = Table(title="F1 per rule (precision/recall)")
     per_rule.add_column("method")
