@@ -351,6 +351,29 @@ def _read_token(path: Path) -> str:
     return token
 
 
+TOKEN_FILE_OPTION = typer.Option(None, "--token-file", help="file holding the server's access token")
+TLS_CA_OPTION = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)")
+TLS_CERT_OPTION = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)")
+TLS_KEY_OPTION = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert")
+
+
+def _judge_client(url: str, timeout: float, token_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
+                  tls_key: Path | None, retries: int | None = None):
+    """A JudgeClient for the server at url as the client flags say, or one readable error."""
+    from safejudge_client import JudgeClient
+
+    tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
+    given = {name: str(path) for name, path in tls.items() if path is not None}
+    if token_file is not None:
+        given["token"] = _read_token(token_file)
+    if retries is not None:  # else the client's default
+        given["retries"] = retries
+    try:
+        return JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
 @app.command("judge")
 def judge(
     images: list[Path] = typer.Argument(..., help="image files"),
@@ -360,10 +383,10 @@ def judge(
     timeout: float = typer.Option(120.0, help="seconds per image"),
     as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
     retries: int = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)"),
-    token_file: Path = typer.Option(None, "--token-file", help="file holding the server's access token"),
-    tls_ca: Path = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)"),
-    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)"),
-    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    token_file: Path = TOKEN_FILE_OPTION,
+    tls_ca: Path = TLS_CA_OPTION,
+    tls_cert: Path = TLS_CERT_OPTION,
+    tls_key: Path = TLS_KEY_OPTION,
 ) -> None:
     """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
     import json
@@ -371,7 +394,7 @@ def judge(
     from rich.console import Console
     from rich.table import Table
 
-    from safejudge_client import AuthenticationError, JudgeClient, JudgeError, ServerUnavailable
+    from safejudge_client import AuthenticationError, JudgeError, ServerUnavailable
 
     try:
         request_options = json.loads(options) if options is not None else None
@@ -379,16 +402,7 @@ def judge(
         fail(f"--options is not valid JSON: {exc}")
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
-    tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
-    given = {name: str(path) for name, path in tls.items() if path is not None}
-    if token_file is not None:
-        given["token"] = _read_token(token_file)
-    if retries is not None:  # else the client's default
-        given["retries"] = retries
-    try:
-        client = JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    client = _judge_client(url, timeout, token_file, tls_ca, tls_cert, tls_key, retries)
     table = Table(expand=True)
     table.add_column("image", overflow="fold", ratio=1)
     for name in ("verdict", "MLLM calls", "ms"):
@@ -539,13 +553,13 @@ def _bench(constitution, images: Path | None, labels: Path | None, per_rule: int
         fail(str(exc))
 
 
-def _served_report(constitution, bench: list, bench_name: str, url: str, concurrency: int, timeout: float):
+def _served_report(constitution, bench: list, bench_name: str, url: str, concurrency: int, client):
     """Full CLUE as the server at `url` judges the bench: the one row that needs no direct model access."""
     from safejudge.evaluation import EvalReport, run_served
-    from safejudge_client import JudgeClient, JudgeError
+    from safejudge_client import JudgeError
 
     try:
-        with JudgeClient(url, timeout_s=timeout) as client:
+        with client:
             run, model_id = run_served(bench, client, constitution.name, concurrency)
     except (JudgeError, OSError, ValueError) as exc:
         fail(f"server at {url}: {' '.join(str(exc).split())}")
@@ -574,6 +588,10 @@ def evaluate_command(
     ),
     concurrency: int = typer.Option(4, min=1, help="with --url: requests in flight"),
     timeout: float = typer.Option(120.0, help="with --url: seconds per image"),
+    token_file: Path = TOKEN_FILE_OPTION,
+    tls_ca: Path = TLS_CA_OPTION,
+    tls_cert: Path = TLS_CERT_OPTION,
+    tls_key: Path = TLS_KEY_OPTION,
     calibration: Path | None = typer.Option(None, help="a `safejudge calibrate` file: adds the calibrated method"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
 ) -> None:
@@ -591,7 +609,8 @@ def evaluate_command(
     if url is not None:
         if calibration is not None:
             fail("--calibration needs the models in this process; a server applies its own calibration files")
-        report = _served_report(constitution, bench, bench_name, url, concurrency, timeout)
+        client = _judge_client(url, timeout, token_file, tls_ca, tls_cert, tls_key)
+        report = _served_report(constitution, bench, bench_name, url, concurrency, client)
     else:
         models = _load_models(mllm, relevance, detector, dtype)
         fitted = None
