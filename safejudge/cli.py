@@ -522,7 +522,9 @@ def _judge_served(constitution, images: list, console) -> tuple[list, str]:
 CONSTITUTION_FILE_OPTION = typer.Option(
     None, "--constitution", help="constitution YAML file [default: constitutions/toy-world.yaml, for the toy bench]"
 )
-IMAGES_OPTION = typer.Option(None, help="folder of your labelled images (with --labels) [default: a generated toy bench]")
+IMAGES_OPTION = typer.Option(
+    None, help="folder of your labelled images (with --labels) [default: a generated toy bench]"
+)
 LABELS_OPTION = typer.Option(
     None, help="labels of --images: .jsonl or .csv, one record per image (README: Measuring your model)"
 )
@@ -547,7 +549,7 @@ def _bench(constitution, images: Path | None, labels: Path | None, per_rule: int
         fail("--images and --labels go together")
     try:
         if images is None:
-            return make_bench(constitution, per_rule=per_rule, benign=benign, seed=seed), toy_bench_name(per_rule, benign, seed)
+            return make_bench(constitution, per_rule, benign, seed), toy_bench_name(per_rule, benign, seed)
         return load_labelled(images, labels, constitution), f"{labels} (images in {images})"
     except (BenchError, ToyVocabularyError) as exc:
         fail(str(exc))
@@ -555,12 +557,14 @@ def _bench(constitution, images: Path | None, labels: Path | None, per_rule: int
 
 def _served_report(constitution, bench: list, bench_name: str, url: str, concurrency: int, client):
     """Full CLUE as the server at `url` judges the bench: the one row that needs no direct model access."""
-    from safejudge.evaluation import EvalReport, run_served
+    from safejudge.evaluation import BenchError, EvalReport, run_served
     from safejudge_client import JudgeError
 
     try:
         with client:
             run, model_id = run_served(bench, client, constitution.name, concurrency)
+    except BenchError as exc:
+        fail(" ".join(str(exc).split()))
     except (JudgeError, OSError, ValueError) as exc:
         fail(f"server at {url}: {' '.join(str(exc).split())}")
     note = (

@@ -15,9 +15,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -29,8 +30,12 @@ from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, Rule
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, decode_image
+from safejudge_client.errors import InvalidRequest
 from safejudge_client.verdict import Verdict
 from safejudge.toyworld import BENIGN, HAZARDS, Query, Scene, SceneError, SceneSpec, generate_scene, parse_statement
+
+if TYPE_CHECKING:
+    from safejudge_client import JudgeClient
 
 Split = Literal["violating", "borderline", "benign"]
 PRIOR_KNOWLEDGE_QUESTION = "something dangerous is visible"  # toy-world words, so the demo models can read it
@@ -60,6 +65,11 @@ class BenchItem:
         if (self.scene is None) == (self.path is None):
             raise ValueError("a bench item is either a generated scene or an image file")
 
+    @property
+    def where(self) -> str:
+        """The item in an error message: its label's line and its file, or the generated scene."""
+        return f"{self.origin}: {self.path}" if self.path is not None else f"generated scene ({self.scene.describe()})"
+
     def frames(self) -> list[Image.Image]:
         """What is judged: the scene, or the frames of the file the server would judge (decoded and sampled
         as the server does: an animation is judged on several frames)."""
@@ -68,7 +78,7 @@ class BenchItem:
         try:
             return decode_image(self.path.read_bytes()).frames
         except (OSError, ImageError) as exc:
-            raise BenchError(f"{self.origin}: {self.path}: {exc}") from exc
+            raise BenchError(f"{self.where}: {exc}") from exc
 
     def request_image(self) -> Path | Image.Image:
         """What a client sends for this item: the file as it is, or the scene (as PNG)."""
@@ -299,11 +309,22 @@ def run_methods(
     return {name: MethodRun(predictions[name], seconds[name]) for name in chosen}
 
 
-def run_served(bench: Sequence[BenchItem], client, constitution: str, concurrency: int) -> tuple[MethodRun, str]:
+def run_served(
+    bench: Sequence[BenchItem], client: JudgeClient, constitution: str, concurrency: int
+) -> tuple[MethodRun, str]:
     """Full CLUE as a running server judges it (its own models, thresholds and limits), `concurrency`
-    requests in flight through a safejudge_client.JudgeClient; and the model id the server reports."""
+    requests in flight; and the model id the server reports. An image the server refuses is a BenchError
+    naming its label's line; any other failure of the server raises its safejudge_client error."""
+
+    def judge(item: BenchItem) -> Verdict:
+        try:
+            return client.judge(item.request_image(), constitution)
+        except InvalidRequest as exc:
+            raise BenchError(f"{item.where}: the server refused it: {exc}") from exc
+
     started = time.perf_counter()
-    verdicts = client.judge_many([item.request_image() for item in bench], constitution, concurrency=concurrency)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        verdicts = list(pool.map(judge, bench))
     run = MethodRun([Prediction.of_verdict(v) for v in verdicts], time.perf_counter() - started)
     return run, verdicts[0].model_id if verdicts else ""
 
@@ -338,7 +359,9 @@ class MethodReport(Metrics):
     method: str
     description: str
     per_rule: dict[str, Metrics] = Field(default_factory=dict, description="empty when the method names no rules")
-    benign_false_positive_rate: float | None = Field(description="share of the benign images judged unsafe (None: none)")
+    benign_false_positive_rate: float | None = Field(
+        description="share of the benign images judged unsafe; None: there are no benign images"
+    )
     mllm_calls_per_image: float
     reasoning_calls_per_image: float
     ms_per_image: float = Field(description="in process: the method's own time; served: wall time / images")
@@ -429,7 +452,8 @@ def calibrate(
     seed: the generated bench's); ties go to fewer reasoning calls. Returns the fit and every grid point
     (for a precision-recall plot)."""
     settings = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    chosen = {f"grid-{i}": _clue(JudgeOptions(thresholds=t)) for i, t in enumerate(settings)} | {"default": _clue(JudgeOptions())}
+    chosen = {f"grid-{i}": _clue(JudgeOptions(thresholds=t)) for i, t in enumerate(settings)}
+    chosen["default"] = _clue(JudgeOptions())
     runs = run_methods(bench, chosen, compile_constitution(constitution, models), models)
     truth = [item.unsafe for item in bench]
     points = []

@@ -89,7 +89,8 @@ def load_labelled(images: Path, labels: Path, constitution: Constitution) -> lis
     """The labelled images, validated: each exists, names only rules of the constitution, appears once."""
     reader = READERS.get(labels.suffix.lower())
     if reader is None:
-        raise BenchError(f"{labels}: labels must be JSON Lines (.jsonl) or CSV (.csv), not {labels.suffix or 'no extension'}")
+        found = labels.suffix or "no extension"
+        raise BenchError(f"{labels}: labels must be JSON Lines (.jsonl) or CSV (.csv), not {found}")
     if not images.is_dir():
         raise BenchError(f"{images}: the images folder does not exist")
     try:

@@ -47,7 +47,9 @@ def folder(tmp_path_factory, bench) -> Path:
         path = Path(item.split) / f"scene-{index:02d}.png"
         (directory / path.parent).mkdir(exist_ok=True)
         item.scene.image.save(directory / path)
-        records.append({"path": path.as_posix(), "unsafe": item.unsafe, "rules": sorted(item.violated), "split": item.split})
+        records.append(
+            {"path": path.as_posix(), "unsafe": item.unsafe, "rules": sorted(item.violated), "split": item.split}
+        )
     (directory / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     shuffled = random.Random(0).sample(records, len(records))
     with (directory / "labels.csv").open("w", newline="") as handle:
@@ -118,17 +120,19 @@ BAD_LABELS = [
      "rules: 'zombie' not in constitution toy-world"),
     ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false, "rules": ["death-symbol"]}\n', 1,
      "unsafe is false but rules are given (death-symbol)"),
-    ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false}\n{"path": "./benign/scene-10.png", "unsafe": false}\n',
-     2, "duplicate path 'benign/scene-10.png' (first at line 1)"),
+    ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false}\n'
+                '{"path": "./benign/scene-10.png", "unsafe": false}\n', 2,
+     "duplicate path 'benign/scene-10.png' (first at line 1)"),
     ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false\n', 1, "not valid JSON"),
     ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": "maybe"}\n', 1, "unsafe: Input should be a valid boolean"),
     ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false, "colour": "red"}\n', 1, "colour: Extra inputs"),
     ("l.jsonl", '{"path": "../labels.jsonl", "unsafe": false}\n', 1, "must be relative to the images folder"),
     ("l.jsonl", '{"path": "benign/scene-10.png", "unsafe": false, "split": "violating"}\n', 1,
      "split 'violating' contradicts unsafe: false"),
-    ("l.csv", "path,unsafe,rules\nviolating/scene-00.png,true,armed-person\nbenign/scene-10.png,false,death-symbol\n", 3,
-     "unsafe is false but rules are given"),
-    ("l.csv", "path,unsafe,rules\nviolating/scene-00.png,true,armed-person;zombie\n", 2, "'zombie' not in constitution"),
+    ("l.csv", "path,unsafe,rules\nviolating/scene-00.png,true,armed-person\nbenign/scene-10.png,false,death-symbol\n",
+     3, "unsafe is false but rules are given"),
+    ("l.csv", "path,unsafe,rules\nviolating/scene-00.png,true,armed-person;zombie\n", 2,
+     "'zombie' not in constitution"),
     ("l.csv", "path,unsafe,rules\nbenign/scene-10.png,false,,extra\n", 2, "3 columns expected"),
     ("l.csv", "path,safe\nbenign/scene-10.png,false\n", 1, "header must name the columns"),
     ("l.csv", "path,unsafe\nbenign/scene-10.png,false\nbenign/scene-10.png,false\n", 3, "duplicate path"),
@@ -153,7 +157,8 @@ def test_files_that_cannot_be_used_are_errors_naming_the_file(tmp_path, folder):
     labels.write_text('{"path": "ok.png", "unsafe": false}\n{"path": "broken.png", "unsafe": false}\n')
     (tmp_path / "ok.png").write_bytes((folder / "benign" / "scene-10.png").read_bytes())
     cases = [
-        (["--images", str(tmp_path), "--labels", str(labels)], f"{labels}:2: {tmp_path / 'broken.png'}: cannot identify"),
+        (["--images", str(tmp_path), "--labels", str(labels)],
+         f"{labels}:2: {tmp_path / 'broken.png'}: cannot identify"),
         (["--images", str(tmp_path), "--labels", str(tmp_path / "labels.txt")], "must be JSON Lines (.jsonl) or CSV"),
         (["--images", str(tmp_path / "nowhere"), "--labels", str(labels)], "the images folder does not exist"),
         (["--images", str(tmp_path)], "--images and --labels go together"),
@@ -228,6 +233,11 @@ def test_with_url_full_clue_is_measured_through_the_server(tmp_path, folder, toy
     assert {**served[0], "method": "clue", "description": in_process["description"]} == in_process
     assert report["model_id"] == "toy-vlm-demo"
     assert "only full CLUE is measured" in output and "baselines and ablations need direct model access" in output
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    labels = tmp_path / "broken.jsonl"
+    labels.write_text('{"path": "broken.png", "unsafe": false}\n')
+    result = runner.invoke(app, ["eval", "--images", str(tmp_path), "--labels", str(labels), "--url", demo_server.url])
+    assert result.exit_code == 2 and f"{labels}:1: {tmp_path / 'broken.png'}: the server refused it" in result.output
 
 
 def test_a_bench_item_is_a_scene_or_a_file(bench):
