@@ -21,7 +21,8 @@ class Calibration(BaseModel):
     constitution: str
     constitution_hash: str
     thresholds: dict[str, float]
-    dev_seed: int
+    dev_split: str = Field("", description="what the dev split was: the generated toy bench, or a labels file")
+    dev_seed: int | None = Field(None, description="the generated dev bench's seed (None: a user's labelled images)")
     dev_images: int
     dev_f1: float
     dev_reasoning_calls_per_image: float

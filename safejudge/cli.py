@@ -175,6 +175,34 @@ DTYPE_OPTION = typer.Option("float32", help="float32 | bfloat16")
 CONSTITUTIONS_OPTION = typer.Option(CONSTITUTIONS, help="directory of constitution YAML files (default: the shipped ones)")
 
 
+def _model_spec(mllm: str, relevance: str, detector: str, dtype: str):
+    """The ModelSpec the model flags name, and one line per companion chosen for the user."""
+    from pydantic import ValidationError
+
+    from safejudge.backends.registry import ModelSpecError, coherent_spec
+
+    try:
+        return coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except ModelSpecError as exc:
+        fail(str(exc))
+
+
+def _load_models(mllm: str, relevance: str, detector: str, dtype: str):
+    """The models the flags name, loaded in this process; says which were chosen."""
+    from safejudge.backends.registry import ModelSpecError, load_models
+
+    spec, notes = _model_spec(mllm, relevance, detector, dtype)
+    typer.echo(f"models: mllm {mllm}")
+    for note in notes:
+        typer.echo(f"  {note}")
+    try:
+        return load_models(spec)
+    except ModelSpecError as exc:
+        fail(str(exc))
+
+
 @app.command("serve")
 def serve(
     grpc_port: int = typer.Option(8001, help="gRPC port (0: any free port)"),
@@ -217,12 +245,11 @@ def serve(
 
     from pydantic import ValidationError
 
-    from safejudge.backends.registry import ModelSpecError, coherent_spec
     from safejudge.pipeline import RequestLimits
     from safejudge.server import ServerError, ServeSettings, find_triton
 
+    models, notes = _model_spec(mllm, relevance, detector, dtype)
     try:
-        models, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
         settings = ServeSettings(
             models=models,
             constitutions=constitutions,
@@ -255,7 +282,7 @@ def serve(
         server = settings.server()
     except ValidationError as exc:
         fail(_validation_message(exc))
-    except (ModelSpecError, ServerError) as exc:
+    except ServerError as exc:
         fail(str(exc))
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
@@ -572,11 +599,11 @@ TOY_CONSTITUTION_OPTION = typer.Option(None, "--constitution", help="a toy-world
 def _toy_setup(constitution_path: Path | None) -> tuple:
     """The toy constitution and the demo models, or one readable error."""
     from safejudge.backends.onnx_demo import load_demo_models
-    from safejudge.evaluation import TOY_CONSTITUTION
 
+    constitution = _constitution(constitution_path)
     try:
-        return load_constitution(constitution_path or TOY_CONSTITUTION), load_demo_models()
-    except (ConstitutionError, FileNotFoundError) as exc:
+        return constitution, load_demo_models()
+    except FileNotFoundError as exc:
         fail(str(exc))
 
 
@@ -651,40 +678,122 @@ def _judge_served(constitution, images: list, console) -> tuple[list, str]:
     return verdicts, f"toy-world demo (served by Triton at {server.url}, batched CLUE)"
 
 
+CONSTITUTION_FILE_OPTION = typer.Option(
+    None, "--constitution", help="constitution YAML file [default: constitutions/toy-world.yaml, for the toy bench]"
+)
+IMAGES_OPTION = typer.Option(
+    None, help="folder of your labelled images (with --labels) [default: a generated toy bench]"
+)
+LABELS_OPTION = typer.Option(
+    None, help="labels of --images: .jsonl or .csv, one record per image (README: Measuring your model)"
+)
+
+
+def _constitution(path: Path | None):
+    from safejudge.evaluation import TOY_CONSTITUTION
+
+    try:
+        return load_constitution(path or TOY_CONSTITUTION)
+    except ConstitutionError as exc:
+        fail(str(exc))
+
+
+def _bench(constitution, images: Path | None, labels: Path | None, per_rule: int, benign: int, seed: int) -> tuple:
+    """The labelled images of --images/--labels, or a generated toy bench; and its name for the report."""
+    from safejudge.evaluation import BenchError, make_bench, toy_bench_name
+    from safejudge.labels import load_labelled
+    from safejudge.toyworld import ToyVocabularyError
+
+    if (images is None) != (labels is None):
+        fail("--images and --labels go together")
+    try:
+        if images is None:
+            return make_bench(constitution, per_rule, benign, seed), toy_bench_name(per_rule, benign, seed)
+        return load_labelled(images, labels, constitution), f"{labels} (images in {images})"
+    except (BenchError, ToyVocabularyError) as exc:
+        fail(str(exc))
+
+
+def _served_report(constitution, bench: list, bench_name: str, url: str, concurrency: int, client):
+    """Full CLUE as the server at `url` judges the bench: the one row that needs no direct model access."""
+    from safejudge.evaluation import BenchError, EvalReport, run_served
+    from safejudge_client import JudgeError
+
+    try:
+        with client:
+            run, model_id = run_served(bench, client, constitution.name, concurrency)
+    except BenchError as exc:
+        fail(" ".join(str(exc).split()))
+    except (JudgeError, OSError, ValueError) as exc:
+        fail(f"server at {url}: {' '.join(str(exc).split())}")
+    note = (
+        f"--url: only full CLUE is measured, as the server at {url} judges it (its models, its copy of constitution "
+        f"{constitution.name!r}, its thresholds and limits; ms/img is wall time at concurrency {concurrency}). The "
+        "baselines and ablations need direct model access: run without --url, with the model flags."
+    )
+    return EvalReport.measured(constitution, model_id or url, bench, bench_name, {"clue-served": run}, [note])
+
+
 @app.command("eval")
 def evaluate_command(
-    constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
-    per_rule: int = typer.Option(50, min=1, help="violating and (as many) borderline-safe scenes per rule"),
-    benign: int = typer.Option(50, min=0, help="benign scenes (over-sensitivity split)"),
-    seed: int = typer.Option(1, help="bench generator seed (calibrate on another seed)"),
+    constitution_path: Path | None = CONSTITUTION_FILE_OPTION,
+    images: Path | None = IMAGES_OPTION,
+    labels: Path | None = LABELS_OPTION,
+    per_rule: int = typer.Option(50, min=1, help="toy bench: violating and (as many) borderline-safe scenes per rule"),
+    benign: int = typer.Option(50, min=0, help="toy bench: benign scenes (over-sensitivity split)"),
+    seed: int = typer.Option(1, help="toy bench generator seed (calibrate on another seed)"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    url: str | None = typer.Option(
+        None, help="measure full CLUE on this running server (gRPC host:port) instead of models in this process"
+    ),
+    concurrency: int = typer.Option(4, min=1, help="with --url: requests in flight"),
+    timeout: float = typer.Option(120.0, help="with --url: seconds per image"),
+    token_file: Path = TOKEN_FILE_OPTION,
+    tls_ca: Path = TLS_CA_OPTION,
+    tls_cert: Path = TLS_CERT_OPTION,
+    tls_key: Path = TLS_KEY_OPTION,
     calibration: Path | None = typer.Option(None, help="a `safejudge calibrate` file: adds the calibrated method"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
 ) -> None:
-    """Compare the paper's methods on a generated, labelled toy bench (Table-2-style report)."""
+    """Compare the paper's methods (Table-2-style report) on your labelled images (--images, --labels) or on
+    a generated toy bench."""
     from rich.console import Console
 
     from safejudge.backends.onnx_demo import TOY_WARNING
     from safejudge.calibration import Calibration
-    from safejudge.evaluation import evaluate, make_bench, methods, report_tables
+    from safejudge.evaluation import BenchError, evaluate, methods, report_tables
     from safejudge.toyworld import ToyVocabularyError
 
-    constitution, models = _toy_setup(constitution_path)
-    fitted = None
-    if calibration is not None:
+    constitution = _constitution(constitution_path)
+    bench, bench_name = _bench(constitution, images, labels, per_rule, benign, seed)
+    if url is not None:
+        if calibration is not None:
+            fail("--calibration needs the models in this process; a server applies its own calibration files")
+        client = _client(url, timeout, bench, bench_name, url, concurrency, client, token_file, tls_ca, tls_cert, tls_key)
+        report = _served_report(constitution)
+    else:
+        models = _load_models(mllm, relevance, detector, dtype)
+        fitted = None
+        if calibration is not None:
+            try:
+                fitted = Calibration.load(calibration)
+                fitted.check(constitution, models.mllm.model_id)
+            except (OSError, ValueError) as exc:
+                fail(f"{calibration}: {exc}")
         try:
-            fitted = Calibration.load(calibration)
-            fitted.check(constitution, models.mllm.model_id)
-        except (OSError, ValueError) as exc:
-            fail(f"{calibration}: {exc}")
-    try:
-        bench = make_bench(constitution, per_rule=per_rule, benign=benign, seed=seed)
-        report = evaluate(constitution, models, bench, methods(fitted), seed, per_rule, benign)
-    except ToyVocabularyError as exc:
-        fail(str(exc))
+            report = evaluate(constitution, models, bench, methods(fitted), bench_name)
+        except (BenchError, ToyVocabularyError) as exc:
+            fail(str(exc))
+        if mllm.startswith("demo:"):
+            report.notes.append(f"{TOY_WARNING}.")
     console = Console(width=200)
     for table in report_tables(report):
         console.print(table)
-    console.print(f"Note: {TOY_WARNING}.")
+    for note in report.notes:
+        console.print(f"Note: {note}")
     if json_out is not None:
         json_out.write_text(report.model_dump_json(indent=1))
 
@@ -694,20 +803,29 @@ def calibrate_command(
     out: Path = typer.Option(
         ..., help="where to write the calibration JSON; <constitutions dir>/<name>.calibration.json is served"
     ),
-    constitution_path: Path | None = TOY_CONSTITUTION_OPTION,
-    per_rule: int = typer.Option(30, min=1, help="dev split size per rule (violating and borderline each)"),
-    benign: int = typer.Option(30, min=0),
-    seed: int = typer.Option(2, help="dev split seed; evaluate on a different one"),
+    constitution_path: Path | None = CONSTITUTION_FILE_OPTION,
+    images: Path | None = IMAGES_OPTION,
+    labels: Path | None = LABELS_OPTION,
+    per_rule: int = typer.Option(30, min=1, help="toy bench: dev split size per rule (violating and borderline each)"),
+    benign: int = typer.Option(30, min=0, help="toy bench: benign scenes"),
+    seed: int = typer.Option(2, help="toy bench: dev split seed; evaluate on a different one"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
     plot: Path | None = typer.Option(None, help="precision-recall PNG of the threshold grid (needs matplotlib)"),
 ) -> None:
-    """Fit CLUE thresholds for (toy demo model, constitution) on a labelled dev split."""
-    from safejudge.evaluation import calibrate, make_bench, plot_precision_recall
+    """Fit CLUE thresholds for (model, constitution) on a labelled dev split: your images (--images, --labels)
+    or a generated toy bench."""
+    from safejudge.evaluation import BenchError, calibrate, plot_precision_recall
     from safejudge.toyworld import ToyVocabularyError
 
-    constitution, models = _toy_setup(constitution_path)
+    constitution = _constitution(constitution_path)
+    bench, bench_name = _bench(constitution, images, labels, per_rule, benign, seed)
+    models = _load_models(mllm, relevance, detector, dtype)
     try:
-        fitted, points = calibrate(constitution, models, make_bench(constitution, per_rule, benign, seed), seed)
-    except ToyVocabularyError as exc:
+        fitted, points = calibrate(constitution, models, bench, bench_name, seed if images is None else None)
+    except (BenchError, ToyVocabularyError) as exc:
         fail(str(exc))
     out.write_text(fitted.model_dump_json(indent=1))
     typer.echo(f"{out}: thresholds {fitted.thresholds}: dev F1 {fitted.dev_f1:.3f} (defaults {fitted.default_f1:.3f}), "

@@ -76,7 +76,7 @@ def test_calibrate_fits_thresholds_and_eval_uses_them(tmp_path, constitution):
     models = load_demo_models()
     bench = make_bench(constitution, per_rule=2, benign=2, seed=3)
     grid = {"alpha1_factor": (-0.1, -0.3), "alpha2_factor": (0.6, 0.8)}
-    fitted, points = calibrate(constitution, models, bench, seed=3, grid=grid)
+    fitted, points = calibrate(constitution, models, bench, "toy seed 3", seed=3, grid=grid)
     assert len(points) == 4 and fitted.thresholds in [p.thresholds for p in points]
     assert fitted.dev_f1 == max(p.f1 for p in points) and fitted.dev_f1 >= fitted.default_f1 - 1e-9
     path = tmp_path / "calibration.json"
