@@ -429,7 +429,7 @@ def test_schema_validation_catches_a_misplaced_field() -> None:
 
 def test_constitutions_fit_in_a_configmap() -> None:
     configmap = constitutions_configmap()
-    assert set(configmap["data"]) == {p.name for p in (ROOT / "constitutions").glob("*.yaml")}
+    assert {p.name for p in (ROOT / "constitutions").glob("*.yaml")} <= set(configmap["data"])
     assert len(json.dumps(configmap["data"]).encode()) < 1024 * 1024  # a ConfigMap holds at most 1 MiB
 
 
