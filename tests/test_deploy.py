@@ -67,7 +67,7 @@ def hadolint() -> str:
 
 
 def run(*command: str, cwd: Path = ROOT) -> str:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, check=False, cwd=cwd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -110,8 +110,11 @@ def container(spec: dict[str, Any]) -> dict[str, Any]:
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines()
-                                         if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
@@ -126,14 +129,16 @@ def exec_form(dockerfile: Path, instruction: str) -> list[str]:
 
 @pytest.mark.parametrize("variant", DOCKERFILES)
 def test_dockerfiles_pass_hadolint(variant: str) -> None:
-    result = subprocess.run([hadolint(), str(DOCKERFILES[variant])], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint(), str(DOCKERFILES[variant])], check=False, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_fails_a_careless_dockerfile(tmp_path: Path) -> None:
     careless = tmp_path / "Dockerfile"
     careless.write_text("FROM python:latest\nRUN pip install safejudge\nCMD safejudge serve\n")
-    result = subprocess.run([hadolint(), str(careless)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint(), str(careless)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # the latest tag
 
@@ -270,8 +275,11 @@ def test_probes_point_at_tritons_health_endpoints(name: str) -> None:
     spec = pod_specs()[name]
     main = container(spec)
     named_ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-    expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
-                "livenessProbe": "/v2/health/live"}
+    expected = {
+        "startupProbe": "/v2/health/ready",
+        "readinessProbe": "/v2/health/ready",
+        "livenessProbe": "/v2/health/live",
+    }
     for probe, path in expected.items():
         get = main[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -297,6 +305,7 @@ def test_dev_shm_is_a_memory_volume(name: str) -> None:
 def test_pods_run_unprivileged_as_the_images_user(name: str) -> None:
     spec = pod_specs()[name]
     (user,) = arguments(DOCKERFILES["cpu"], "USER")
+    assert arguments(DOCKERFILES["gpu"], "USER") == [user]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}" == user
     assert container(spec)["securityContext"]["readOnlyRootFilesystem"] is True
@@ -386,8 +395,16 @@ def test_kserve_inference_service_runs_the_launcher_over_grpc() -> None:
 
 def constitutions_configmap() -> dict[str, Any]:
     """The ConfigMap the docs create from constitutions/ (kubectl create ... --dry-run=client: offline)."""
-    out = run(kubectl(), "create", "configmap", "safejudge-constitutions", "--from-file=constitutions/",
-              "--dry-run=client", "-o", "yaml")
+    out = run(
+        kubectl(),
+        "create",
+        "configmap",
+        "safejudge-constitutions",
+        "--from-file=constitutions/",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    )
     return yaml.safe_load(out)
 
 
@@ -395,8 +412,12 @@ def schema_checked() -> list[tuple[str, dict[str, Any]]]:
     docs = [(f"overlays/{name}", doc) for name in OVERLAYS for doc in overlay(name)]
     docs.append(("constitutions ConfigMap", constitutions_configmap()))
     # The KServe predictor is a pod spec with two fields of KServe's: check it as a Pod.
-    docs.append(("kserve predictor", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
-                                      "spec": pod_specs()["kserve"]}))
+    docs.append(
+        (
+            "kserve predictor",
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_specs()["kserve"]},
+        )
+    )
     return docs
 
 
@@ -441,15 +462,20 @@ def test_channel_options_keep_tritonclients_defaults() -> None:
     options = dict(channel_options([("grpc.lb_policy_name", "round_robin")]))
     assert options["grpc.lb_policy_name"] == "round_robin"
     # Passed to tritonclient alone, the pair would drop its message limits: gRPC's 4 MiB would refuse big images.
-    assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == MAX_GRPC_MESSAGE_SIZE
+    assert (
+        options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == MAX_GRPC_MESSAGE_SIZE
+    )
     assert dict(channel_options([("grpc.max_receive_message_length", 1024)]))["grpc.max_receive_message_length"] == 1024
     with pytest.raises(TypeError, match="pairs"):
         channel_options(["grpc.lb_policy_name=round_robin"])  # type: ignore[list-item]
 
 
 def test_grpc_targets_are_accepted_urls_with_a_scheme_are_not() -> None:
-    for url in ("dns:///safejudge-headless:8001", "dns:///safejudge-headless.ml.svc.cluster.local:8001",
-                "ipv4:127.0.0.1:8001,127.0.0.1:8002"):
+    for url in (
+        "dns:///safejudge-headless:8001",
+        "dns:///safejudge-headless.ml.svc.cluster.local:8001",
+        "ipv4:127.0.0.1:8001,127.0.0.1:8002",
+    ):
         JudgeClient(url).close()
     for url in ("grpc://127.0.0.1:8001", "http://safejudge:8001"):
         with pytest.raises(ValueError, match="host:port"):
@@ -466,7 +492,7 @@ class CountingServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
-    def ServerLive(self, request, context):  # noqa: N802 (the gRPC method's name)
+    def ServerLive(self, request, context):
         self.calls += 1
         return service_pb2.ServerLiveResponse(live=True)
 
