@@ -96,9 +96,14 @@ def parse_verdict(result: grpcclient.InferResult) -> Verdict:
         raise ProtocolError(f"VERDICT is not a valid Verdict: {exc}") from exc
 
 
+# gRPC's own name-resolver schemes (https://github.com/grpc/grpc/blob/master/doc/naming.md): `dns:///name:port`
+# resolves every address behind a name (a headless Service), `ipv4:a:p,b:q` lists addresses.
+GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
 def check_endpoint(url: str, timeout_s: float | None) -> None:
-    if "://" in url:
-        raise ValueError(f"url must be host:port (gRPC, no scheme), got {url!r}")
+    if "://" in url and not url.startswith(GRPC_TARGET_SCHEMES):
+        raise ValueError(f"url must be host:port or a gRPC target such as dns:///host:port, got {url!r}")
     if timeout_s is not None and timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
 
@@ -110,6 +115,30 @@ def check_tls_files(root_certificates: str | None, private_key: str | None, cert
         # tritonclient would fail on a missing file half-way through constructing its client.
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"TLS file not found: {path}")
+
+
+def channel_options(channel_args: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]] | None:
+    """The gRPC channel options for tritonclient, with `channel_args` added (a key given there wins).
+
+    tritonclient uses its `channel_args` *instead of* its defaults, which lift gRPC's 4 MiB message limit
+    and set keepalive; passed on as they are, ("grpc.lb_policy_name", "round_robin") alone would make
+    every image over 4 MiB fail. None: tritonclient's defaults unchanged."""
+    if channel_args is None:
+        return None
+    keepalive = grpcclient.KeepAliveOptions()
+    options: dict[str, Any] = {
+        "grpc.max_send_message_length": grpcclient.MAX_GRPC_MESSAGE_SIZE,
+        "grpc.max_receive_message_length": grpcclient.MAX_GRPC_MESSAGE_SIZE,
+        "grpc.keepalive_time_ms": keepalive.keepalive_time_ms,
+        "grpc.keepalive_timeout_ms": keepalive.keepalive_timeout_ms,
+        "grpc.keepalive_permit_without_calls": keepalive.keepalive_permit_without_calls,
+        "grpc.http2.max_pings_without_data": keepalive.http2_max_pings_without_data,
+    }
+    for pair in channel_args:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(f"channel_args must be (name, value) pairs, got {pair!r}")
+        options[pair[0]] = pair[1]
+    return list(options.items())
 
 
 class BearerToken(grpcclient.InferenceServerClientPlugin):
@@ -171,6 +200,7 @@ class _Connection:
         private_key: str | None = None,
         certificate_chain: str | None = None,
         model_name: str = DEFAULT_MODEL,
+        channel_args: Sequence[tuple[str, Any]] | None = None,
     ):
         check_endpoint(url, timeout_s)
         check_tls_files(root_certificates, private_key, certificate_chain)
@@ -185,6 +215,7 @@ class _Connection:
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
+            channel_args=channel_options(channel_args),
         )
         if plugin is not None:
             self._client.register_plugin(plugin)
@@ -202,6 +233,8 @@ class JudgeClient(_Connection):
     timeout_s bounds each attempt (gRPC deadline and Triton's request timeout; None: no deadline). Up to
     `retries` more attempts follow an answer that the server is unavailable or restarting a model, after
     backoff_s, 2*backoff_s, ... (at most MAX_BACKOFF_S) seconds. A token is sent with every call.
+    channel_args: extra gRPC channel options, e.g. [("grpc.lb_policy_name", "round_robin")] with
+    url="dns:///safejudge-headless:8001" to spread requests over every replica (docs/deploy.md).
     Thread-safe; use as a context manager or call close().
     """
 
