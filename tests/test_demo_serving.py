@@ -64,6 +64,28 @@ def test_served_demo_verdicts_equal_the_in_process_engine(demo_server):
     assert violations > 0, "the sample should contain violating scenes"
 
 
+def test_a_violating_frame_behind_a_benign_first_frame_is_found(demo_server):
+    """An animation (APNG, lossless) whose first and last frames are benign and whose middle frame violates:
+    the served verdict names that frame and the rules it violates, as the engine judges it alone."""
+    constitution = load_constitution(CONSTITUTIONS / "toy-world.yaml")
+    models = load_demo_models()
+    compiled = compile_constitution(constitution, models)
+    verdicts = {}
+    for item in demo_scenes(constitution, 12, seed=5):
+        verdicts.setdefault(judge_batched(item.scene.image, compiled, models).safe, (item.scene.image, None))
+    (benign, _), (violating, _) = verdicts[True], verdicts[False]
+    expected = judge_batched(violating, compiled, models)
+    buffer = io.BytesIO()
+    benign.save(buffer, format="PNG", save_all=True, append_images=[violating, benign.copy()], duration=100)
+    with JudgeClient(demo_server.url, timeout_s=60) as client:
+        served = client.judge(buffer.getvalue(), "toy-world")
+        first_only = client.judge(buffer.getvalue(), "toy-world", {"frames": 1})
+    assert (served.frame_count, served.frames_judged) == (3, [0, 1, 2])
+    assert not served.safe and served.violated_rule_ids == expected.violated_rule_ids
+    assert all(v.frames == [1] for v in served.violations)
+    assert first_only.safe and first_only.frames_judged == [0], "judging only the first frame misses it"
+
+
 def test_a_constitution_the_demo_vocabulary_cannot_express_is_refused(demo_server):
     assert inexpressible(all_statements(load_constitution(CONSTITUTIONS / "os-bench.yaml").enabled_rules))
     assert not inexpressible(all_statements(load_constitution(CONSTITUTIONS / "toy-world.yaml").enabled_rules))

@@ -164,7 +164,7 @@ def test_cpu_image_pins_the_torch_of_setup_sh_and_installs_the_server_extra() ->
     assert f"ARG TORCH_VERSION={pinned}" in [f"ARG {args}" for args in arguments(dockerfile, "ARG")]
     runs = arguments(dockerfile, "RUN")
     torch_step = next(i for i, step in enumerate(runs) if '"torch==${TORCH_VERSION}"' in step)
-    server_step = next(i for i, step in enumerate(runs) if '-e ".[server]"' in step)
+    server_step = next(i for i, step in enumerate(runs) if 'pip install --no-cache-dir ".[server]"' in step)
     assert torch_step < server_step  # torch first: the extra's range must not pull a CUDA build
 
 
@@ -175,7 +175,7 @@ def test_gpu_image_keeps_the_containers_tensorrt_llm_stack() -> None:
     assert "[server]" not in install  # transformers 5 would replace the container's 4.56
     # Everything the container holds (TensorRT-LLM, torch, transformers, numpy, ...) is a constraint.
     assert "python3 -m pip list --format=freeze > /tmp/container.txt" in install
-    assert "pip install --no-cache-dir -c /tmp/container.txt -e ." in install
+    assert "pip install --no-cache-dir -c /tmp/container.txt ." in install
 
 
 def test_gpu_image_default_command_is_valid_serve_flags() -> None:
