@@ -772,8 +772,8 @@ def evaluate_command(
     if url is not None:
         if calibration is not None:
             fail("--calibration needs the models in this process; a server applies its own calibration files")
-        client = _client(url, timeout, bench, bench_name, url, concurrency, client, token_file, tls_ca, tls_cert, tls_key)
-        report = _served_report(constitution)
+        client = _client(url, timeout, None, token_file, tls_ca, tls_cert, tls_key)
+        report = _served_report(constitution, bench, bench_name, url, concurrency, client)
     else:
         models = _load_models(mllm, relevance, detector, dtype)
         fitted = None
