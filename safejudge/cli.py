@@ -140,6 +140,21 @@ def _announce_demo_models(directory: Path) -> None:
             )
 
 
+# The models of `serve`, and of `judge --local`.
+MLLM_OPTION = typer.Option(
+    DEMO_SPEC,
+    help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
+)
+RELEVANCE_OPTION = typer.Option(
+    "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
+)
+DETECTOR_OPTION = typer.Option(
+    "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
+)
+DTYPE_OPTION = typer.Option("float32", help="float32 | bfloat16")
+CONSTITUTIONS_OPTION = typer.Option(Path("constitutions"), help="directory of constitution YAML files")
+
+
 def _optional_spec(value: str | None) -> str | None:
     return None if value is None or value.lower() == "none" else value
 
@@ -151,18 +166,11 @@ def serve(
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (0: any free port)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 serves other machines"),
     http_host: str = typer.Option(None, help="address of the HTTP endpoint (no TLS; health probes) [default: --host]"),
-    mllm: str = typer.Option(
-        "demo:toy",
-        help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
-    ),
-    relevance: str = typer.Option(
-        "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
-    ),
-    detector: str = typer.Option(
-        "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
-    ),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    constitutions: Path = typer.Option(Path("constitutions"), help="directory of constitution YAML files"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    constitutions: Path = CONSTITUTIONS_OPTION,
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
     judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
@@ -318,73 +326,78 @@ def _read_token(path: Path) -> str:
     return token
 
 
+REMOTE_ONLY = ("url", "retries", "token_file", "tls_ca", "tls_cert", "tls_key", "concurrency")
+LOCAL_ONLY = ("mllm", "relevance", "detector", "dtype", "constitutions")
+
+
 @app.command("judge")
 def judge(
-    images: list[Path] = typer.Argument(..., help="image files"),
+    ctx: typer.Context,
+    images: list[str] = typer.Argument(
+        ..., help="image files, folders (searched recursively), glob patterns, or - (paths on stdin, one a line)"
+    ),
     constitution: str = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves"),
     url: str = typer.Option("127.0.0.1:8001", help="the server's gRPC address (host:port)"),
     options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
     timeout: float = typer.Option(120.0, help="seconds per image"),
-    as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+    out: Path = typer.Option(
+        None, help="write one line per input: JSON Lines, or CSV if it ends in .csv; run again to resume"
+    ),
+    concurrency: int = typer.Option(4, min=1, help="requests in flight"),
+    as_json: bool = typer.Option(False, "--json", help="print the lines judged as JSON Lines on stdout (as --out)"),
     retries: int = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)"),
     token_file: Path = typer.Option(None, "--token-file", help="file holding the server's access token"),
     tls_ca: Path = typer.Option(None, "--tls-ca", help="PEM root certificates of the server (any --tls-*: TLS)"),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM client certificate chain (mutual TLS, with --tls-key)"),
     tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    local: bool = typer.Option(False, "--local", help="judge in this process (one image at a time), no server"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    constitutions: Path = CONSTITUTIONS_OPTION,
 ) -> None:
-    """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
+    """Judge images on a running server, or in process with --local.
+
+    Exit 0: all safe, 1: any unsafe, 2: any input errored or bad arguments, 130: interrupted (Ctrl-C).
+    """
     import json
+    import sys
 
-    from rich.console import Console
-    from rich.table import Table
+    from safejudge import batch
+    from safejudge.backends.registry import ModelSpecError, coherent_spec
 
-    from safejudge_client import AuthenticationError, JudgeClient, JudgeError, ServerUnavailable
-
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    misplaced = [name for name in (REMOTE_ONLY if local else LOCAL_ONLY) if ctx.get_parameter_source(name).name != "DEFAULT"]
+    if misplaced:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
+        fail(f"{flags}: only without --local" if local else f"{flags}: only with --local")
     try:
         request_options = json.loads(options) if options is not None else None
     except json.JSONDecodeError as exc:
         fail(f"--options is not valid JSON: {exc}")
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
-    tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
-    given = {name: str(path) for name, path in tls.items() if path is not None}
-    if token_file is not None:
-        given["token"] = _read_token(token_file)
-    if retries is not None:  # else the client's default
-        given["retries"] = retries
     try:
-        client = JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
-    except (ValueError, FileNotFoundError) as exc:
+        inputs = batch.expand_inputs(images, sys.stdin)
+        if local:
+            spec, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
+            for note in notes:
+                typer.echo(note, err=True)
+            judges = batch.in_process(spec, constitutions, constitution, request_options, timeout)
+        else:
+            tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
+            given = {name: str(path) for name, path in tls.items() if path is not None}
+            if token_file is not None:
+                given["token"] = _read_token(token_file)
+            if retries is not None:  # else the client's default
+                given["retries"] = retries
+            ssl = any(path is not None for path in tls.values())
+            judges = batch.on_server(url, constitution, request_options, concurrency, timeout_s=timeout, ssl=ssl, **given)
+        summary = batch.run(inputs, judges, out, as_json)
+    except (batch.BatchError, ModelSpecError) as exc:
         fail(str(exc))
-    table = Table(expand=True)
-    table.add_column("image", overflow="fold", ratio=1)
-    for name in ("verdict", "MLLM calls", "ms"):
-        table.add_column(name, no_wrap=True)
-    # One line per violated rule, cut to the table's width: the full reasons and evidence are in --json.
-    table.add_column("violated rules: why", no_wrap=True, overflow="ellipsis", ratio=2)
-    unsafe = errors = 0
-    with client:
-        for image in images:
-            try:
-                verdict = client.judge(image, constitution, request_options)
-            except ServerUnavailable as exc:
-                fail(f"server at {url} unavailable: {' '.join(str(exc).split())}")
-            except AuthenticationError as exc:
-                fail(f"server at {url}: {' '.join(str(exc).split())}")
-            except (JudgeError, OSError, ValueError) as exc:
-                typer.echo(f"error: {image}: {' '.join(str(exc).split())}", err=True)
-                errors += 1
-                continue
-            unsafe += not verdict.safe
-            if as_json:
-                typer.echo(json.dumps({"image": str(image), "verdict": verdict.model_dump(mode="json")}))
-                continue
-            violated = "\n".join(f"{v.rule_id}: {v.reason}" for v in verdict.violations) or "-"
-            label = "[green]safe[/green]" if verdict.safe else "[bold red]UNSAFE[/bold red]"
-            table.add_row(str(image), label, str(verdict.mllm_calls), f"{verdict.timing.total_ms:.0f}", violated)
-    if not as_json and table.row_count:
-        Console().print(table)
-    raise typer.Exit(2 if errors else 1 if unsafe else 0)
+    raise typer.Exit(summary.exit_code)
 
 
 TOY_CONSTITUTION_OPTION = typer.Option(None, "--constitution", help="a toy-world constitution (default: constitutions/toy-world.yaml)")
