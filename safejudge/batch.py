@@ -218,6 +218,7 @@ class OutputFile:
                                  f"{self.format.header.strip()}); use another --out")
             texts = texts[1:]
         kept: dict[str, JudgedInput] = {}
+        kept_texts = []  # as they are: a CSV line's reasons are not read back
         for number, text in enumerate(texts, 2 if self.format.header else 1):
             try:
                 line = self.format.load(text) if text else None
@@ -226,16 +227,17 @@ class OutputFile:
                                  "use another --out") from exc
             if line is not None and line.final and line.path not in kept:
                 kept[line.path] = line
+                kept_texts.append(text)
             else:
                 dropped = True
         if dropped:
-            self._rewrite(kept.values())
+            self._rewrite(kept_texts)
         return kept
 
-    def _rewrite(self, lines: Iterable[JudgedInput]) -> None:
+    def _rewrite(self, texts: Iterable[str]) -> None:
         temporary = self.path.with_name(f".{self.path.name}.rewrite")
         with temporary.open("w", encoding="utf-8", newline="") as file:
-            file.write(self.format.header + "".join(self.format.dump(line) for line in lines))
+            file.write(self.format.header + "".join(f"{text}\n" for text in texts))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
@@ -348,6 +350,10 @@ def input_error(exc: JudgeError | OSError, source: str) -> InputError:
     return InputError(kind=kind, message=_one_line(str(exc)))
 
 
+def _milliseconds_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1e3, 1)
+
+
 async def _judge_all(paths: list[Path], judging: Judging, done: Callable[[JudgedInput], None]) -> None:
     """Every path judged, `judging.concurrency` at a time; done(line) as each finishes. A BatchError stops all."""
     waiting = iter(paths)
@@ -359,9 +365,9 @@ async def _judge_all(paths: list[Path], judging: Judging, done: Callable[[Judged
                 verdict = await judging.judge(path)
             except (JudgeError, OSError) as exc:
                 error = input_error(exc, judging.source)
-                done(JudgedInput(path=str(path), error=error, latency_ms=(time.perf_counter() - started) * 1e3))
+                done(JudgedInput(path=str(path), error=error, latency_ms=_milliseconds_since(started)))
             else:
-                done(JudgedInput.judged(path, verdict, (time.perf_counter() - started) * 1e3))
+                done(JudgedInput.judged(path, verdict, _milliseconds_since(started)))
 
     workers = [asyncio.ensure_future(worker()) for _ in range(min(judging.concurrency, len(paths)))]
     try:
@@ -408,17 +414,22 @@ class Summary:
         errors = Counter(line.error.kind.value for line in self.lines if line.error)
         unsafe = sum(line.safe is False for line in self.lines)
         done = f"{len(self.lines)} of {self.inputs}" if len(self.lines) < self.inputs else f"{self.inputs}"
-        report = [f"{done} images: {len(self.lines) - unsafe - errors.total()} safe, {unsafe} unsafe, "
-                  f"{errors.total()} errors"]
-        rate = f" ({self.judged_now / self.elapsed_s:.1f} images/s)" if self.elapsed_s > 0 else ""
-        report.append(f"judged now: {self.judged_now} in {self.elapsed_s:.1f} s{rate}"
-                      + (f"; {len(self.lines) - self.judged_now} already in {self.out}" if self.out else ""))
+        count = errors.total()
+        report = [f"{done} images: {len(self.lines) - unsafe - count} safe, {unsafe} unsafe, "
+                  f"{count} error{'' if count == 1 else 's'}"]
+        resumed = f"{len(self.lines) - self.judged_now} already in {self.out}" if self.out else ""
+        if self.judged_now:
+            rate = self.judged_now / self.elapsed_s
+            report.append(f"judged now: {self.judged_now} in {self.elapsed_s:.1f} s ({rate:.1f} images/s)"
+                          + (f"; {resumed}" if resumed else ""))
+        else:
+            report.append("nothing judged now" + (f": {resumed}" if resumed else ""))
         rules = Counter(rule for line in self.lines for rule in line.violated_rules)
         if rules:
             report.append("unsafe by rule: " + ", ".join(f"{rule} {count}" for rule, count in rules.most_common()))
         if errors:
             report.append("errors by kind: " + ", ".join(f"{kind} {count}" for kind, count in errors.most_common()))
-        latencies = sorted(line.latency_ms for line in self.lines if line.verdict and line.latency_ms is not None)
+        latencies = sorted(line.latency_ms for line in self.lines if line.safe is not None and line.latency_ms is not None)
         if latencies:
             report.append(f"latency: p50 {_percentile(latencies, 0.5):.0f} ms, p95 {_percentile(latencies, 0.95):.0f} ms")
         if self.interrupted:
