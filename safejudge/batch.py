@@ -334,7 +334,7 @@ def in_process(spec: ModelSpec, constitutions: Path, constitution: str, options:
     return load
 
 
-def input_error(exc: JudgeError | OSError, source: str) -> InputError:
+def _input_error(exc: JudgeError | OSError, source: str) -> InputError:
     """The error line of an input; BatchError for a failure that is no input's fault (the run stops)."""
     if isinstance(exc, ServerUnavailable):
         raise BatchError(f"{source} unavailable: {_one_line(exc.message)}") from exc
@@ -364,7 +364,7 @@ async def _judge_all(paths: list[Path], judging: Judging, done: Callable[[Judged
             try:
                 verdict = await judging.judge(path)
             except (JudgeError, OSError) as exc:
-                error = input_error(exc, judging.source)
+                error = _input_error(exc, judging.source)
                 done(JudgedInput(path=str(path), error=error, latency_ms=_milliseconds_since(started)))
             else:
                 done(JudgedInput.judged(path, verdict, _milliseconds_since(started)))
@@ -437,7 +437,7 @@ class Summary:
         return report
 
 
-def print_results(lines: Sequence[JudgedInput], as_json: bool) -> None:
+def _print_results(lines: Sequence[JudgedInput], as_json: bool) -> None:
     """The verdicts on stdout: JSON Lines (as --out writes them) or a table, one row per judged image."""
     if as_json:
         for line in lines:
@@ -472,14 +472,16 @@ def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_js
     console = Console(stderr=True)
     columns = (TextColumn("judging"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[unsafe]} unsafe, {task.fields[errors]} errors"))
+    tally = Counter(unsafe=sum(line.safe is False for line in lines.values()),
+                    errors=sum(line.error is not None for line in lines.values()))
     started = time.perf_counter()
 
     async def judge_todo() -> None:
+        nonlocal started
         async with judges() as judging:
+            started = time.perf_counter()  # after loading models or connecting
             with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-                task = progress.add_task("", total=len(inputs), completed=len(lines), unsafe=0, errors=0)
-
-                tally: Counter[str] = Counter()
+                task = progress.add_task("", total=len(inputs), completed=len(lines), **tally)
 
                 def done(line: JudgedInput) -> None:
                     if output is not None:
@@ -511,7 +513,7 @@ def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_js
                       time.perf_counter() - started, out, interrupted)
     order = {str(path): index for index, path in enumerate(inputs)}
     if out is None or as_json:
-        print_results(sorted(now, key=lambda line: order[line.path]), as_json)
+        _print_results(sorted(now, key=lambda line: order[line.path]), as_json)
     for text in summary.report():
         console.print(text, markup=False, highlight=False, soft_wrap=True)
     return summary

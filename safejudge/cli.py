@@ -384,6 +384,10 @@ def judge(
             spec, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
             for note in notes:
                 typer.echo(note, err=True)
+            if spec.mllm.startswith("demo:"):
+                from safejudge.backends.onnx_demo import TOY_WARNING
+
+                typer.echo(f"NOTE: {TOY_WARNING}.", err=True)
             judges = batch.in_process(spec, constitutions, constitution, request_options, timeout)
         else:
             tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
