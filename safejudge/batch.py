@@ -223,7 +223,8 @@ class OutputFile:
             try:
                 line = self.format.load(text) if text else None
             except (ValidationError, ValueError, csv.Error) as exc:
-                raise BatchError(f"{self.path}:{number}: not a line `safejudge judge` writes ({_one_line(str(exc))[:200]}); "
+                problem = _one_line(str(exc))[:200]
+                raise BatchError(f"{self.path}:{number}: not a line `safejudge judge` writes ({problem}); "
                                  "use another --out") from exc
             if line is not None and line.final and line.path not in kept:
                 kept[line.path] = line
@@ -296,7 +297,9 @@ def on_server(url: str, constitution: str, options: dict | None, concurrency: in
     return connect
 
 
-def in_process(spec: ModelSpec, constitutions: Path, constitution: str, options: dict | None, timeout_s: float) -> JudgeFactory:
+def in_process(
+    spec: ModelSpec, constitutions: Path, constitution: str, options: dict | None, timeout_s: float
+) -> JudgeFactory:
     """Judging in this process, one image at a time, by the server's own safety_judge stage logic (decoding and
     validation, frame sampling, options and limits, the compiled-constitution store, judge_frames) over the
     models of `spec`; its faults become the errors the client would raise for them."""
@@ -323,8 +326,9 @@ def in_process(spec: ModelSpec, constitutions: Path, constitution: str, options:
         def judge(path: Path) -> Verdict:
             image = path.read_bytes()
             deadline = stage.deadline(round(timeout_s * 1e6), lambda: False)
-            (answer,) = answer_each([image], lambda data: stage.judge(data, constitution.encode(), raw_options, deadline),
-                                    "safety_judge")
+            (answer,) = answer_each(
+                [image], lambda data: stage.judge(data, constitution.encode(), raw_options, deadline), "safety_judge"
+            )
             if isinstance(answer, Fault):
                 raise from_triton(InferenceServerException(answer.message, status=answer.code.value), timeout_s)
             return Verdict.model_validate_json(answer)
@@ -338,7 +342,8 @@ def _input_error(exc: JudgeError | OSError, source: str) -> InputError:
     """The error line of an input; BatchError for a failure that is no input's fault (the run stops)."""
     if isinstance(exc, ServerUnavailable):
         raise BatchError(f"{source} unavailable: {_one_line(exc.message)}") from exc
-    if isinstance(exc, AuthenticationError) or (isinstance(exc, InvalidRequest) and exc.message.startswith(REQUEST_FAULTS)):
+    request_fault = isinstance(exc, InvalidRequest) and exc.message.startswith(REQUEST_FAULTS)
+    if isinstance(exc, AuthenticationError) or request_fault:
         raise BatchError(f"{source}: {_one_line(exc.message)}") from exc
     kind = (
         ErrorKind.UNREADABLE if isinstance(exc, OSError)
@@ -429,9 +434,10 @@ class Summary:
             report.append("unsafe by rule: " + ", ".join(f"{rule} {count}" for rule, count in rules.most_common()))
         if errors:
             report.append("errors by kind: " + ", ".join(f"{kind} {count}" for kind, count in errors.most_common()))
-        latencies = sorted(line.latency_ms for line in self.lines if line.safe is not None and line.latency_ms is not None)
+        latencies = sorted(line.latency_ms for line in self.lines if line.safe is not None and line.latency_ms)
         if latencies:
-            report.append(f"latency: p50 {_percentile(latencies, 0.5):.0f} ms, p95 {_percentile(latencies, 0.95):.0f} ms")
+            p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+            report.append(f"latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
         if self.interrupted:
             report.append("interrupted" + (f": run the same command again to resume {self.out}" if self.out else ""))
         return report

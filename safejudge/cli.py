@@ -368,7 +368,9 @@ def judge(
     from safejudge.backends.registry import ModelSpecError, coherent_spec
 
     # By name: typer ships its own copy of click, whose ParameterSource is not click's.
-    misplaced = [name for name in (REMOTE_ONLY if local else LOCAL_ONLY) if ctx.get_parameter_source(name).name != "DEFAULT"]
+    misplaced = [
+        name for name in (REMOTE_ONLY if local else LOCAL_ONLY) if ctx.get_parameter_source(name).name != "DEFAULT"
+    ]
     if misplaced:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
         fail(f"{flags}: only without --local" if local else f"{flags}: only with --local")
@@ -397,7 +399,9 @@ def judge(
             if retries is not None:  # else the client's default
                 given["retries"] = retries
             ssl = any(path is not None for path in tls.values())
-            judges = batch.on_server(url, constitution, request_options, concurrency, timeout_s=timeout, ssl=ssl, **given)
+            judges = batch.on_server(
+                url, constitution, request_options, concurrency, timeout_s=timeout, ssl=ssl, **given
+            )
         summary = batch.run(inputs, judges, out, as_json)
     except (batch.BatchError, ModelSpecError) as exc:
         fail(str(exc))
