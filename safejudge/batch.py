@@ -237,11 +237,14 @@ class OutputFile:
 
     def _rewrite(self, texts: Iterable[str]) -> None:
         temporary = self.path.with_name(f".{self.path.name}.rewrite")
-        with temporary.open("w", encoding="utf-8", newline="") as file:
-            file.write(self.format.header + "".join(f"{text}\n" for text in texts))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        try:
+            with temporary.open("w", encoding="utf-8", newline="") as file:
+                file.write(self.format.header + "".join(f"{text}\n" for text in texts))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise BatchError(f"cannot rewrite --out {self.path}: {exc.strerror}") from exc
 
     def __enter__(self) -> OutputFile:
         try:
@@ -320,7 +323,9 @@ def in_process(
             parse_options(raw_options, settings.limits)
             stage = JudgeStage(settings, load_mllm(spec))
             stage.store.get(constitution)  # compile now: an unknown or unreadable constitution stops here
-        except (StageFault, ModelSpecError, UnknownConstitution, UnsupportedQuestion, FileNotFoundError) as exc:
+        except UnsupportedQuestion as exc:
+            raise BatchError(f"constitution {constitution!r} cannot be judged by {spec.mllm}: {exc}") from exc
+        except (StageFault, ModelSpecError, UnknownConstitution, FileNotFoundError) as exc:
             raise BatchError(str(exc)) from exc
 
         def judge(path: Path) -> Verdict:

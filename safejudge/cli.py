@@ -336,7 +336,9 @@ def judge(
     images: list[str] = typer.Argument(
         ..., help="image files, folders (searched recursively), glob patterns, or - (paths on stdin, one a line)"
     ),
-    constitution: str = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves"),
+    constitution: str = typer.Option(
+        ..., "--constitution", "-c", help="name of a constitution the server serves (with --local: in --constitutions)"
+    ),
     url: str = typer.Option("127.0.0.1:8001", help="the server's gRPC address (host:port)"),
     options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
     timeout: float = typer.Option(120.0, help="seconds per image"),
@@ -363,6 +365,8 @@ def judge(
     """
     import json
     import sys
+
+    from pydantic import ValidationError
 
     from safejudge import batch
     from safejudge.backends.registry import ModelSpecError, coherent_spec
@@ -403,6 +407,8 @@ def judge(
                 url, constitution, request_options, concurrency, timeout_s=timeout, ssl=ssl, **given
             )
         summary = batch.run(inputs, judges, out, as_json)
+    except ValidationError as exc:
+        fail(_validation_message(exc))
     except (batch.BatchError, ModelSpecError) as exc:
         fail(str(exc))
     raise typer.Exit(summary.exit_code)

@@ -17,16 +17,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from safejudge.backends.registry import coherent_spec
-from safejudge.batch import BatchError, expand_inputs
+from safejudge.batch import BatchError, Judging, expand_inputs, run
 from safejudge.cli import app
 from safejudge.server import ServeSettings, TritonServer, stub_processes
-from safejudge_client import JudgeClient
+from safejudge_client import JudgeClient, ServerUnavailable, Verdict
 from tests.server_fixtures import CONSTITUTIONS
 
 pytestmark = pytest.mark.integration
@@ -157,6 +158,38 @@ def test_missing_inputs_and_misplaced_flags_are_bad_arguments(tmp_path: Path) ->
         result = judge(*args)
         assert result.exit_code == 2, (expected, result.output)
         assert result.stderr.splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
+
+
+def test_a_server_that_stays_unavailable_stops_the_run_and_the_next_run_goes_on(tmp_path: Path) -> None:
+    images = [tmp_path / f"{index}.png" for index in range(5)]
+    for image in images:
+        image.write_bytes(b"x")
+    calls: list[Path] = []
+
+    def judges(answers: int):
+        """Judging on a fake server that answers `answers` requests, then is unavailable."""
+
+        @asynccontextmanager
+        async def connect():
+            async def judge(path: Path) -> Verdict:
+                calls.append(path)
+                if len(calls) > answers:
+                    raise ServerUnavailable("connection refused", "UNAVAILABLE")
+                return Verdict(safe=True, constitution="c", constitution_version="1")
+
+            yield Judging("server at test", judge, concurrency=1)
+
+        return connect
+
+    out = tmp_path / "out.jsonl"
+    stopped = "server at test unavailable: connection refused; 2 of 5 inputs are in"
+    with pytest.raises(BatchError, match=re.escape(stopped)):
+        run(images, judges(2), out)
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == list(map(str, images[:2]))
+    calls.clear()
+    assert run(images, judges(5), out).exit_code == 0
+    assert calls == images[2:]
+    assert_one_line_per_input(out, images)
 
 
 # Lines and exit codes
