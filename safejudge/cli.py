@@ -156,6 +156,21 @@ def _announce_demo_models(directory: Path) -> None:
             )
 
 
+# The models of `serve`, and of `judge --local`.
+MLLM_OPTION = typer.Option(
+    DEMO_SPEC,
+    help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
+)
+RELEVANCE_OPTION = typer.Option(
+    "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
+)
+DETECTOR_OPTION = typer.Option(
+    "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
+)
+DTYPE_OPTION = typer.Option("float32", help="float32 | bfloat16")
+CONSTITUTIONS_OPTION = typer.Option(Path("constitutions"), help="directory of constitution YAML files")
+
+
 def _optional_spec(value: str | None) -> str | None:
     return None if value is None or value.lower() == "none" else value
 
@@ -388,19 +403,26 @@ def _client(
     url: str, timeout: float, retries: int | None, token_file: Path | None,
     tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
 ):
-    """A JudgeClient from the client flags of `judge` and `explain`, or one readable error."""
+    """A JudgeClient from the client flags of `judge`, `explain` and `eval`, or one readable error."""
     from safejudge_client import JudgeClient
 
+    try:
+        return JudgeClient(url, timeout_s=timeout, **_client_arguments(retries, token_file, tls_ca, tls_cert, tls_key))
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+def _client_arguments(
+    retries: int | None, token_file: Path | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None
+) -> dict:
+    """The keyword arguments of JudgeClient / AsyncJudgeClient that the client flags give (any --tls-*: TLS)."""
     tls = {"root_certificates": tls_ca, "certificate_chain": tls_cert, "private_key": tls_key}
     given = {name: str(path) for name, path in tls.items() if path is not None}
     if token_file is not None:
         given["token"] = _read_token(token_file)
     if retries is not None:  # else the client's default
         given["retries"] = retries
-    try:
-        return JudgeClient(url, timeout_s=timeout, ssl=any(path is not None for path in tls.values()), **given)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+    return {**given, "ssl": bool(given.keys() & tls.keys())}
 
 
 def _server_failure(url: str, exc: Exception) -> NoReturn:
@@ -411,62 +433,86 @@ def _server_failure(url: str, exc: Exception) -> NoReturn:
     fail(f"server at {url}{what}: {' '.join(str(exc).split())}")
 
 
+REMOTE_ONLY = ("url", "retries", "token_file", "tls_ca", "tls_cert", "tls_key", "concurrency")
+LOCAL_ONLY = ("mllm", "relevance", "detector", "dtype", "constitutions")
+
+
 @app.command("judge")
 def judge(
-    images: list[Path] = typer.Argument(..., help="image files"),
-    constitution: str = CONSTITUTION_OPTION,
+    ctx: typer.Context,
+    images: list[str] = typer.Argument(
+        ..., help="image files, folders (searched recursively), glob patterns, or - (paths on stdin, one a line)"
+    ),
+    constitution: str = typer.Option(
+        ..., "--constitution", "-c", help="name of a constitution the server serves (with --local: in --constitutions)"
+    ),
     url: str = typer.Option(DEFAULT_URL, help="the server's gRPC address (host:port)"),
     options: str = typer.Option(None, help='request options as JSON, e.g. \'{"evidence": "none"}\''),
     timeout: float = TIMEOUT_OPTION,
-    as_json: bool = typer.Option(False, "--json", help='print one {"image", "verdict"} JSON object per line'),
+    out: Path = typer.Option(
+        None, help="write one line per input: JSON Lines, or CSV if it ends in .csv; run again to resume"
+    ),
+    concurrency: int = typer.Option(4, min=1, help="requests in flight"),
+    as_json: bool = typer.Option(False, "--json", help="print the lines judged as JSON Lines on stdout (as --out)"),
     retries: int = RETRIES_OPTION,
     token_file: Path = TOKEN_FILE_OPTION,
     tls_ca: Path = TLS_CA_OPTION,
     tls_cert: Path = TLS_CERT_OPTION,
     tls_key: Path = TLS_KEY_OPTION,
+    local: bool = typer.Option(False, "--local", help="judge in this process (one image at a time), no server"),
+    mllm: str = MLLM_OPTION,
+    relevance: str = RELEVANCE_OPTION,
+    detector: str = DETECTOR_OPTION,
+    dtype: str = DTYPE_OPTION,
+    constitutions: Path = CONSTITUTIONS_OPTION,
 ) -> None:
-    """Judge images on a running server. Exit 0: all safe, 1: any unsafe, 2: errors."""
+    """Judge images on a running server, or in process with --local.
+
+    Exit 0: all safe, 1: any unsafe, 2: any input errored or bad arguments, 130: interrupted (Ctrl-C).
+    """
     import json
+    import sys
 
-    from rich.console import Console
-    from rich.table import Table
+    from pydantic import ValidationError
 
-    from safejudge_client import AuthenticationError, JudgeError, ServerUnavailable
+    from safejudge import batch
+    from safejudge.backends.registry import ModelSpecError, coherent_spec
 
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    misplaced = [
+        name for name in (REMOTE_ONLY if local else LOCAL_ONLY) if ctx.get_parameter_source(name).name != "DEFAULT"
+    ]
+    if misplaced:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
+        fail(f"{flags}: only without --local" if local else f"{flags}: only with --local")
     try:
         request_options = json.loads(options) if options is not None else None
     except json.JSONDecodeError as exc:
         fail(f"--options is not valid JSON: {exc}")
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
-    client = _client(url, timeout, retries, token_file, tls_ca, tls_cert, tls_key)
-    table = Table(expand=True)
-    table.add_column("image", overflow="fold", ratio=1)
-    for name in ("verdict", "MLLM calls", "ms"):
-        table.add_column(name, no_wrap=True)
-    # One line per violated rule, cut to the table's width: the full reasons and evidence are in --json.
-    table.add_column("violated rules: why", no_wrap=True, overflow="ellipsis", ratio=2)
-    unsafe = errors = 0
-    with client:
-        for image in images:
-            try:
-                verdict = client.judge(image, constitution, request_options)
-            except (ServerUnavailable, AuthenticationError) as exc:
-                _server_failure(url, exc)
-            except (JudgeError, OSError, ValueError) as exc:
-                typer.echo(f"error: {image}: {' '.join(str(exc).split())}", err=True)
-                errors += 1
-                continue
-            unsafe += not verdict.safe
-            if as_json:
-                typer.echo(json.dumps({"image": str(image), "verdict": verdict.model_dump(mode="json")}))
-                continue
-            violated = "\n".join(f"{v.rule_id}: {v.reason}" for v in verdict.violations) or "-"
-            label = "[green]safe[/green]" if verdict.safe else "[bold red]UNSAFE[/bold red]"
-            table.add_row(str(image), label, str(verdict.mllm_calls), f"{verdict.timing.total_ms:.0f}", violated)
-    if not as_json and table.row_count:
-        Console().print(table)
-    raise typer.Exit(2 if errors else 1 if unsafe else 0)
+    try:
+        inputs = batch.expand_inputs(images, sys.stdin)
+        if local:
+            spec, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
+            for note in notes:
+                typer.echo(note, err=True)
+            if spec.mllm.startswith("demo:"):
+                from safejudge.backends.onnx_demo import TOY_WARNING
+
+                typer.echo(f"NOTE: {TOY_WARNING}.", err=True)
+            judges = batch.in_process(spec, constitutions, constitution, request_options, timeout)
+        else:
+            judges = batch.on_server(
+                url, constitution, request_options, concurrency, timeout_s=timeout,
+                **_client_arguments(retries, token_file, tls_ca, tls_cert, tls_key),
+            )
+        summary = batch.run(inputs, judges, out, as_json)
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except (batch.BatchError, ModelSpecError) as exc:
+        fail(str(exc))
+    raise typer.Exit(summary.exit_code)
 
 
 @app.command("status")

@@ -443,7 +443,7 @@ def test_cli_judge_json_lines(echo_url: str, tmp_path: Path) -> None:  # noqa: F
     )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["image"] for line in lines] == [str(p) for p in images]
+    assert [line["path"] for line in lines] == [str(p) for p in images]
     verdicts = [Verdict.model_validate(line["verdict"]) for line in lines]
     assert [v.model_id.rsplit(":", 1)[1] for v in verdicts] == ["16x16", "9x4"]
     assert json.loads(verdicts[0].evaluator) == {"evidence": "none"}
@@ -500,7 +500,7 @@ def test_cli_judge_tls_files_go_to_the_client(tmp_path: Path, monkeypatch: pytes
     def record(url: str, **kwargs: object) -> None:
         raise Constructed(kwargs)
 
-    monkeypatch.setattr(safejudge_client, "JudgeClient", record)
+    monkeypatch.setattr(safejudge_client, "AsyncJudgeClient", record)
     cases = {
         (): {"ssl": False},
         ("--tls-ca", "ca.pem", "--retries", "0"): {"ssl": True, "root_certificates": "ca.pem", "retries": 0},

@@ -1,0 +1,530 @@
+"""`safejudge judge` at scale: expand the inputs, judge them concurrently on a server (or in process), show
+progress, write one line per input to a resumable JSON Lines or CSV file, and summarise.
+
+The --out file is the run's state. Each input's line is written whole, with one write, as soon as the input
+is done (in completion order). On start, a trailing partial line (the process was killed mid-write) is
+dropped, and so are the lines of inputs that failed for a reason that may pass (a timeout, a server fault,
+an unreadable file): those inputs are judged again. Inputs with a verdict, or with an error that is the
+input's own fault (the image was rejected: INVALID_ARGUMENT), are skipped. Failures that are no input's
+fault stop the run instead of writing a line: the server stays unavailable through the client's retries, the
+token is refused, or the server rejects the request whatever the image (unknown constitution, bad options);
+the inputs not judged yet are judged by the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import glob
+import io
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from safejudge_client import (
+    AuthenticationError,
+    DeadlineExceeded,
+    InvalidRequest,
+    JudgeError,
+    ProtocolError,
+    ServerUnavailable,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from safejudge.backends.registry import ModelSpec
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo", ".apng"})
+GLOB_CHARACTERS = frozenset("*?[")
+# INVALID_ARGUMENT answers that no image could avoid: the request's constitution or options are wrong
+# (messages of store.UnknownConstitution, pipeline.parse_options and the mllm stage's UnsupportedQuestion).
+REQUEST_FAULTS = ("unknown constitution", "OPTIONS", "the model ")
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
+class BatchError(Exception):
+    """The run cannot start or go on; the message is one readable line (the CLI exits 2 with it)."""
+
+
+# Inputs
+
+
+def expand_inputs(arguments: Sequence[str], stdin: TextIO) -> list[Path]:
+    """The images to judge, absolute, each once, in argument order: a file as given, a folder's image files
+    (recursively, sorted), the sorted matches of a glob pattern the shell did not expand, and for `-` the
+    paths (or folders, or patterns) on the lines of stdin."""
+    found: dict[Path, None] = {}
+    for argument in arguments:
+        names = [line.strip() for line in stdin if line.strip()] if argument == "-" else [argument]
+        for name in names:
+            found.update(dict.fromkeys(_expand(name)))
+    if not found:
+        raise BatchError(f"no images to judge in {' '.join(arguments)} (folders are searched for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for path in found:
+        if "\n" in str(path) or "\r" in str(path):
+            raise BatchError(f"paths with line breaks are not supported: {str(path)!r}")
+    return list(found)
+
+
+def _expand(name: str) -> list[Path]:
+    path = Path(os.path.abspath(name))
+    if path.is_dir():
+        return sorted(
+            Path(root, file)
+            for root, _, files in os.walk(path)
+            for file in files
+            if Path(file).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    if path.is_file():
+        return [path]
+    if GLOB_CHARACTERS & set(name):
+        matches = sorted(glob.glob(name, recursive=True))
+        if not matches:
+            raise BatchError(f"no file matches {name}")
+        return [image for match in matches for image in _expand(match)]
+    raise BatchError(f"no such file or folder: {path}")
+
+
+# Output lines
+
+
+class ErrorKind(str, Enum):
+    INVALID = "invalid"  # the image was rejected (cannot be decoded, over a limit): final, never judged again
+    UNREADABLE = "unreadable"  # the file could not be read
+    TIMEOUT = "timeout"  # no answer within --timeout
+    PROTOCOL = "protocol"  # the answer was not a valid verdict
+    INTERNAL = "internal"  # the server (or the in-process judge) failed
+
+
+class InputError(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class JudgedInput(BaseModel):
+    """One output line: an input's path and its verdict or its error."""
+
+    path: str = Field(description="absolute path of the input")
+    safe: bool | None = Field(None, description="None: the input has an error")
+    violated_rules: list[str] = Field(default_factory=list)
+    error: InputError | None = None
+    latency_ms: float | None = Field(None, description="the judge call as the caller saw it, retries included")
+    verdict: Verdict | None = Field(None, description="the full verdict with per-rule evidence (JSON Lines only)")
+
+    @classmethod
+    def judged(cls, path: Path, verdict: Verdict, latency_ms: float) -> JudgedInput:
+        return cls(path=str(path), safe=verdict.safe, violated_rules=verdict.violated_rule_ids,
+                   latency_ms=latency_ms, verdict=verdict)
+
+    @model_validator(mode="after")
+    def _verdict_or_error(self) -> JudgedInput:
+        if (self.safe is None) == (self.error is None):
+            raise ValueError("a line has either safe (a verdict) or an error")
+        return self
+
+    @property
+    def final(self) -> bool:
+        """A later run skips this input (else it is judged again)."""
+        return self.error is None or self.error.kind is ErrorKind.INVALID
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _JsonLines:
+    header = ""
+
+    @staticmethod
+    def dump(line: JudgedInput) -> str:
+        return line.model_dump_json(exclude_none=True) + "\n"
+
+    @staticmethod
+    def load(text: str) -> JudgedInput:
+        return JudgedInput.model_validate_json(text)
+
+
+class _Csv:
+    columns = ("path", "safe", "violated_rules", "reasons", "error_kind", "error", "latency_ms")
+    header = ",".join(columns) + "\n"
+
+    @classmethod
+    def dump(cls, line: JudgedInput) -> str:
+        violations = line.verdict.violations if line.verdict else []
+        row = [
+            line.path,
+            "" if line.safe is None else str(line.safe).lower(),
+            " ".join(line.violated_rules),
+            " | ".join(f"{v.rule_id}: {_one_line(v.reason)}" for v in violations),
+            line.error.kind.value if line.error else "",
+            _one_line(line.error.message) if line.error else "",
+            "" if line.latency_ms is None else f"{line.latency_ms:.1f}",
+        ]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(row)
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, text: str) -> JudgedInput:
+        values = dict(zip(cls.columns, next(csv.reader([text])), strict=True))
+        return JudgedInput(
+            path=values["path"],
+            safe=values["safe"] or None,
+            violated_rules=values["violated_rules"].split(),
+            error=InputError(kind=values["error_kind"], message=values["error"]) if values["error_kind"] else None,
+            latency_ms=values["latency_ms"] or None,
+        )
+
+
+class OutputFile:
+    """The --out file: JSON Lines, or CSV when its name ends in .csv. One line per input, written whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.format = _Csv if path.suffix.lower() == ".csv" else _JsonLines
+        self._fd: int | None = None
+
+    def resume(self) -> dict[str, JudgedInput]:
+        """The final lines already in the file, by path. A trailing partial line, the lines of inputs to judge
+        again and repeated paths are dropped; when there are any, the file is rewritten without them
+        (atomically: a kill leaves the old file or the new one)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise BatchError(f"cannot read --out {self.path}: {exc.strerror}") from exc
+        complete, newline, partial = data.rpartition(b"\n")
+        texts = complete.decode(errors="replace").split("\n") if newline else []
+        dropped = bool(partial)
+        if self.format.header and texts:
+            if texts[0] + "\n" != self.format.header:
+                raise BatchError(f"{self.path} is not a `safejudge judge` CSV (its first line is not "
+                                 f"{self.format.header.strip()}); use another --out")
+            texts = texts[1:]
+        kept: dict[str, JudgedInput] = {}
+        kept_texts = []  # as they are: a CSV line's reasons are not read back
+        for number, text in enumerate(texts, 2 if self.format.header else 1):
+            try:
+                line = self.format.load(text) if text else None
+            except (ValidationError, ValueError, csv.Error) as exc:
+                problem = _one_line(str(exc))[:200]
+                raise BatchError(f"{self.path}:{number}: not a line `safejudge judge` writes ({problem}); "
+                                 "use another --out") from exc
+            if line is not None and line.final and line.path not in kept:
+                kept[line.path] = line
+                kept_texts.append(text)
+            else:
+                dropped = True
+        if dropped:
+            self._rewrite(kept_texts)
+        return kept
+
+    def _rewrite(self, texts: Iterable[str]) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.rewrite")
+        try:
+            with temporary.open("w", encoding="utf-8", newline="") as file:
+                file.write(self.format.header + "".join(f"{text}\n" for text in texts))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise BatchError(f"cannot rewrite --out {self.path}: {exc.strerror}") from exc
+
+    def __enter__(self) -> OutputFile:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BatchError(f"cannot write --out {self.path}: {exc.strerror}") from exc
+        if self.format.header and os.fstat(self._fd).st_size == 0:
+            self._write(self.format.header)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
+
+    def append(self, line: JudgedInput) -> None:
+        self._write(self.format.dump(line))
+
+    def _write(self, text: str) -> None:
+        data = text.encode()
+        while data:  # one write; a regular file only writes less when interrupted, then the rest follows
+            data = data[os.write(self._fd, data):]
+
+
+# Judging
+
+
+@dataclass(frozen=True)
+class Judging:
+    """Where inputs are judged: a name for messages, the call, and how many calls may run at once."""
+
+    source: str
+    judge: Callable[[Path], Awaitable[Verdict]]
+    concurrency: int
+
+
+JudgeFactory = Callable[[], AbstractAsyncContextManager[Judging]]
+
+
+def on_server(url: str, constitution: str, options: dict | None, concurrency: int, **client_options) -> JudgeFactory:
+    """Judging over gRPC with the asyncio client: `client_options` are AsyncJudgeClient's (timeout_s, retries, TLS,
+    token); it retries while the server is unavailable, e.g. while a stage restarts."""
+
+    @asynccontextmanager
+    async def connect():
+        import safejudge_client
+
+        try:
+            client = safejudge_client.AsyncJudgeClient(url, **client_options)
+        except (ValueError, FileNotFoundError) as exc:
+            raise BatchError(str(exc)) from exc
+        async with client:
+            yield Judging(f"server at {url}", lambda path: client.judge(path, constitution, options), concurrency)
+
+    return connect
+
+
+def in_process(
+    spec: ModelSpec, constitutions: Path, constitution: str, options: dict | None, timeout_s: float
+) -> JudgeFactory:
+    """Judging in this process, one image at a time, by the server's own safety_judge stage logic (decoding and
+    validation, frame sampling, options and limits, the compiled-constitution store, judge_frames) over the
+    models of `spec`; its faults become the errors the client would raise for them."""
+
+    @asynccontextmanager
+    async def load():
+        from tritonclient.utils import InferenceServerException
+
+        from safejudge.backends.base import UnsupportedQuestion
+        from safejudge.backends.registry import ModelSpecError, load_mllm
+        from safejudge.pipeline import Fault, JudgeStage, JudgeStageSettings, StageFault, answer_each, parse_options
+        from safejudge.store import UnknownConstitution, default_cache_dir
+        from safejudge_client.errors import from_triton
+
+        settings = JudgeStageSettings(models=spec, constitutions=constitutions, cache_dir=default_cache_dir())
+        raw_options = None if options is None else json.dumps(options).encode()
+        try:
+            parse_options(raw_options, settings.limits)
+            stage = JudgeStage(settings, load_mllm(spec))
+            stage.store.get(constitution)  # compile now: an unknown or unreadable constitution stops here
+        except UnsupportedQuestion as exc:
+            raise BatchError(f"constitution {constitution!r} cannot be judged by {spec.mllm}: {exc}") from exc
+        except (StageFault, ModelSpecError, UnknownConstitution, FileNotFoundError) as exc:
+            raise BatchError(str(exc)) from exc
+
+        def judge(path: Path) -> Verdict:
+            image = path.read_bytes()
+            deadline = stage.deadline(round(timeout_s * 1e6), lambda: False)
+            (answer,) = answer_each(
+                [image], lambda data: stage.judge(data, constitution.encode(), raw_options, deadline), "safety_judge"
+            )
+            if isinstance(answer, Fault):
+                raise from_triton(InferenceServerException(answer.message, status=answer.code.value), timeout_s)
+            return Verdict.model_validate_json(answer)
+
+        yield Judging("in-process judge", lambda path: asyncio.to_thread(judge, path), concurrency=1)
+
+    return load
+
+
+def _input_error(exc: JudgeError | OSError, source: str) -> InputError:
+    """The error line of an input; BatchError for a failure that is no input's fault (the run stops)."""
+    if isinstance(exc, ServerUnavailable):
+        raise BatchError(f"{source} unavailable: {_one_line(exc.message)}") from exc
+    request_fault = isinstance(exc, InvalidRequest) and exc.message.startswith(REQUEST_FAULTS)
+    if isinstance(exc, AuthenticationError) or request_fault:
+        raise BatchError(f"{source}: {_one_line(exc.message)}") from exc
+    kind = (
+        ErrorKind.UNREADABLE if isinstance(exc, OSError)
+        else ErrorKind.INVALID if isinstance(exc, InvalidRequest)
+        else ErrorKind.TIMEOUT if isinstance(exc, DeadlineExceeded)
+        else ErrorKind.PROTOCOL if isinstance(exc, ProtocolError)
+        else ErrorKind.INTERNAL
+    )
+    return InputError(kind=kind, message=_one_line(str(exc)))
+
+
+def _milliseconds_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1e3, 1)
+
+
+async def _judge_all(paths: list[Path], judging: Judging, done: Callable[[JudgedInput], None]) -> None:
+    """Every path judged, `judging.concurrency` at a time; done(line) as each finishes. A BatchError stops all."""
+    waiting = iter(paths)
+
+    async def worker() -> None:
+        for path in waiting:  # shared by the workers: each takes the next path
+            started = time.perf_counter()
+            try:
+                verdict = await judging.judge(path)
+            except (JudgeError, OSError) as exc:
+                error = _input_error(exc, judging.source)
+                done(JudgedInput(path=str(path), error=error, latency_ms=_milliseconds_since(started)))
+            else:
+                done(JudgedInput.judged(path, verdict, _milliseconds_since(started)))
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(judging.concurrency, len(paths)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:  # on a BatchError or Ctrl-C: requests in flight are cancelled and get no line
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+# Progress, summary, results
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} images/s" if task.speed else "", style="progress.data.speed")
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest rank."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+@dataclass
+class Summary:
+    """What a run found: one line per input done (this run's and those already in --out)."""
+
+    lines: list[JudgedInput]
+    inputs: int
+    judged_now: int
+    elapsed_s: float
+    out: Path | None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return INTERRUPTED
+        if any(line.error for line in self.lines):
+            return 2
+        return 1 if any(line.safe is False for line in self.lines) else 0
+
+    def report(self) -> list[str]:
+        errors = Counter(line.error.kind.value for line in self.lines if line.error)
+        unsafe = sum(line.safe is False for line in self.lines)
+        done = f"{len(self.lines)} of {self.inputs}" if len(self.lines) < self.inputs else f"{self.inputs}"
+        count = errors.total()
+        report = [f"{done} images: {len(self.lines) - unsafe - count} safe, {unsafe} unsafe, "
+                  f"{count} error{'' if count == 1 else 's'}"]
+        resumed = f"{len(self.lines) - self.judged_now} already in {self.out}" if self.out else ""
+        if self.judged_now:
+            rate = self.judged_now / self.elapsed_s
+            report.append(f"judged now: {self.judged_now} in {self.elapsed_s:.1f} s ({rate:.1f} images/s)"
+                          + (f"; {resumed}" if resumed else ""))
+        else:
+            report.append("nothing judged now" + (f": {resumed}" if resumed else ""))
+        rules = Counter(rule for line in self.lines for rule in line.violated_rules)
+        if rules:
+            report.append("unsafe by rule: " + ", ".join(f"{rule} {count}" for rule, count in rules.most_common()))
+        if errors:
+            report.append("errors by kind: " + ", ".join(f"{kind} {count}" for kind, count in errors.most_common()))
+        latencies = sorted(line.latency_ms for line in self.lines if line.safe is not None and line.latency_ms)
+        if latencies:
+            p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+            report.append(f"latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+        if self.interrupted:
+            report.append("interrupted" + (f": run the same command again to resume {self.out}" if self.out else ""))
+        return report
+
+
+def _print_results(lines: Sequence[JudgedInput], as_json: bool) -> None:
+    """The verdicts on stdout: JSON Lines (as --out writes them) or a table, one row per judged image."""
+    if as_json:
+        for line in lines:
+            print(_JsonLines.dump(line), end="")
+        return
+    table = Table(expand=True)
+    table.add_column("image", overflow="fold", ratio=1)
+    for name in ("verdict", "MLLM calls", "ms"):
+        table.add_column(name, no_wrap=True)
+    # One line per violated rule, cut to the table's width: the full reasons and evidence are in --json.
+    table.add_column("violated rules: why", no_wrap=True, overflow="ellipsis", ratio=2)
+    for line in lines:
+        if line.verdict is None:
+            continue
+        verdict = line.verdict
+        violated = "\n".join(f"{v.rule_id}: {v.reason}" for v in verdict.violations) or "-"
+        label = "[green]safe[/green]" if verdict.safe else "[bold red]UNSAFE[/bold red]"
+        path = os.path.relpath(line.path) if line.path.startswith(os.getcwd() + os.sep) else line.path
+        table.add_row(Text(path), label, str(verdict.mllm_calls), f"{verdict.timing.total_ms:.0f}", violated)
+    if table.row_count:
+        Console().print(table)
+
+
+def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_json: bool = False) -> Summary:
+    """Judge the inputs not already in `out` with the judging `judges` opens; progress and the summary on stderr,
+    without --out (or with as_json) the results on stdout. Ctrl-C ends the run with `interrupted` set."""
+    output = OutputFile(out) if out is not None else None
+    already = output.resume() if output is not None else {}
+    lines = {str(path): already[str(path)] for path in inputs if str(path) in already}
+    todo = [path for path in inputs if str(path) not in lines]
+    now: list[JudgedInput] = []
+    console = Console(stderr=True)
+    columns = (TextColumn("judging"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[unsafe]} unsafe, {task.fields[errors]} errors"))
+    tally = Counter(unsafe=sum(line.safe is False for line in lines.values()),
+                    errors=sum(line.error is not None for line in lines.values()))
+    started = time.perf_counter()
+
+    async def judge_todo() -> None:
+        nonlocal started
+        async with judges() as judging:
+            started = time.perf_counter()  # after loading models or connecting
+            with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+                task = progress.add_task("", total=len(inputs), completed=len(lines), **tally)
+
+                def done(line: JudgedInput) -> None:
+                    if output is not None:
+                        output.append(line)
+                    lines[line.path] = line
+                    now.append(line)
+                    if line.error:
+                        progress.console.print(f"error: {line.path}: {line.error.message}", markup=False,
+                                               highlight=False, soft_wrap=True)
+                    tally["unsafe"] += line.safe is False
+                    tally["errors"] += line.error is not None
+                    progress.update(task, advance=1, **tally)
+
+                await _judge_all(todo, judging, done)
+
+    interrupted = False
+    try:
+        with output if output is not None else nullcontext():
+            if todo:
+                asyncio.run(judge_todo())
+    except KeyboardInterrupt:
+        interrupted = True
+    except BatchError as exc:
+        if output is not None and lines:
+            raise BatchError(f"{exc}; {len(lines)} of {len(inputs)} inputs are in {out}: run the same command "
+                             "again to resume") from exc
+        raise
+    summary = Summary([lines[str(p)] for p in inputs if str(p) in lines], len(inputs), len(now),
+                      time.perf_counter() - started, out, interrupted)
+    order = {str(path): index for index, path in enumerate(inputs)}
+    if out is None or as_json:
+        _print_results(sorted(now, key=lambda line: order[line.path]), as_json)
+    for text in summary.report():
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    return summary
