@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from safejudge.compiled import compile_constitution
 from safejudge.constitution import load_constitution
-from safejudge.evaluators import JudgeOptions, judge_batched, judge_sequential
+from safejudge.evaluators import judge_batched, judge_sequential
 from safejudge.images import decode_image
 from safejudge.pipeline import PIPELINE_KEY_PARAMETER, RequestLimits, parse_options
 from safejudge.server import PROJECT_ROOT
