@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safejudge.constitution import load_constitution
 from safejudge.evaluation import TOY_CONSTITUTION, demo_scenes
 from safejudge.server import PROJECT_ROOT
 from safejudge_client import JudgeClient
+from tests.serve_process import serve_process
 
 pytestmark = pytest.mark.integration
 
@@ -60,23 +59,9 @@ def test_the_installed_package_demos_and_serves_from_any_directory(installed, tm
 
     env = {**os.environ, "PATH": f"{installed}{os.pathsep}{os.environ['PATH']}",
            "SAFEJUDGE_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen([str(installed / "safejudge"), "serve", "--grpc-port", "0", "--http-port", "0",
-                                "--metrics-port", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            assert line, "serve exited while starting:\n" + "".join(lines)
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
-        url = re.search(r"gRPC (\S+)", lines[-1]).group(1)
+    command = [str(installed / "safejudge"), "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    with serve_process(command, tmp_path, env) as served:
         scene = demo_scenes(load_constitution(TOY_CONSTITUTION), 1, seed=0)[0].scene
-        with JudgeClient(url, timeout_s=120) as client:
+        with JudgeClient(served.url, timeout_s=120) as client:
             assert client.judge(scene.image, "toy-world").constitution == "toy-world"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, "".join(lines) + rest
+    assert served.returncode == 0, "".join(served.output)

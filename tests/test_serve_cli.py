@@ -4,12 +4,8 @@ but the model and the ports at its default."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import pytest
 from safejudge.backends.tiny import ensure_tiny_model
 from safejudge.server import PROJECT_ROOT
 from safejudge_client import JudgeClient
+from tests.serve_process import serve_process
 from tests.test_reliability import png
 
 pytestmark = pytest.mark.integration
@@ -32,28 +29,14 @@ def test_the_readme_real_model_command_serves_every_shipped_constitution(tmp_pat
     env = {**os.environ, "SAFEJUDGE_CACHE": str(tmp_path / "cache")}
     command = [str(SAFEJUDGE), "serve", "--mllm", f"hf:{model}", "--dtype", "float32",
                "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    lines = []
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            assert line, "serve exited while starting:\n" + "".join(lines)
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
-        output = "".join(lines)
-        url = re.search(r"gRPC (\S+)", lines[-1]).group(1)
+    with serve_process(command, PROJECT_ROOT, env) as served:
+        output = "".join(served.output)
         assert "relevance: none, every rule is checked" in output, output
         assert "detector: none, Strategy 2 is off" in output, output
         assert "demo" not in output.lower() and "refused" not in output, output
-        with JudgeClient(url, timeout_s=120) as client:
+        with JudgeClient(served.url, timeout_s=120) as client:
             for constitution in ("os-bench", "general"):
                 verdict = client.judge(png(3), constitution, {"max_reasoning_calls": 0})
                 assert verdict.constitution == constitution and verdict.rules_considered, verdict
                 assert verdict.model_id.startswith(f"hf:{model}")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 0 and "stopped" in rest, rest
+    assert served.returncode == 0 and "stopped" in served.output[-1], served.output[-1]
