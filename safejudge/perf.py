@@ -160,7 +160,8 @@ def read_csv_report(path: Path) -> list[PerfRow]:
         rows = [PerfRow.model_validate(row) for row in csv.DictReader(handle)]
     if not rows:
         raise PerfAnalyzerError(f"perf_analyzer wrote no measurements to {path}")
-    return rows
+    # perf_analyzer orders its CSV by throughput, which on a busy machine need not follow concurrency.
+    return sorted(rows, key=lambda row: row.concurrency)
 
 
 class PerfSettings(BaseModel):

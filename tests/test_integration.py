@@ -368,3 +368,11 @@ def test_status_reports_health_models_constitutions_and_limits(triton_server, se
     assert states["os-bench"] == states["general"] == "compiled", states
     table = CliRunner().invoke(app, ["status", "--url", triton_server.url, "--metrics-url", triton_server.metrics_url])
     assert table.exit_code == 0 and "os-bench" in table.output and "limits: frames 8" in table.output, table.output
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 2), (2, 4000), (3, 3)])
+def test_tiny_and_extreme_images_are_judged(triton_server, size):
+    """Valid images are never refused for their size: every model pads or resizes them to what it needs."""
+    image = scene(size, 9) if min(size) >= 8 else Image.new("RGB", size, (200, 30, 30))
+    verdict = infer_raw(triton_server.url, encoded(image, "PNG"), "os-bench", '{"relevance_filter": false, "max_reasoning_calls": 0}')
+    assert verdict.constitution == "os-bench" and verdict.rules_considered

@@ -95,7 +95,7 @@ def successful_requests(url: str) -> int:
 def test_perf_analyzer_measures_the_served_pipeline(triton_server) -> None:
     tool = install_perf_analyzer()
     settings = PerfSettings(images=2, image_size=64, concurrency_range="1:2", measurement_interval_ms=3000,
-                            stability_percentage=60, max_trials=6, timeout_s=120, results=None)
+                            stability_percentage=100, max_trials=8, timeout_s=180, results=None)
     before = successful_requests(triton_server.url)
     command, rows = run_perf_analyzer(tool, triton_server.url, settings)
     assert [row.concurrency for row in rows] == [1, 2]
