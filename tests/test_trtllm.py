@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,14 +28,24 @@ from safejudge.backends.tiny import ensure_tiny_model
 from safejudge.backends.trtllm import (
     MAX_ASPECT,
     PIXELS_PER_VISUAL_TOKEN,
+    LOGPROB_SAMPLING,
+    LOGPROB_TOLERANCE,
     SCORE_SAMPLING,
     SUPPORTED_MODEL_TYPES,
+    Capabilities,
     TRTLLMSettings,
     TRTLLMVisionLanguageModel,
+    choose_route,
+    expanded_prefix_length,
+    extend_positions,
     first_token_logits,
+    first_token_logprobs,
     fit_pixel_budget,
+    image_hash_key,
     inspect_checkpoint,
+    probe_capabilities,
     reason_sampling,
+    yes_probability_from_top,
 )
 from safejudge.decision import parse_reasoning, yes_no_token_ids, yes_probability
 from safejudge.prompts import REASON_SUMMARY, SYSTEM, YES_NO
@@ -66,35 +77,158 @@ def image() -> Image.Image:
 
 class FakeLLM:
     """Stands in for `tensorrt_llm.LLM` (it needs a GPU): records every `generate` call and answers each
-    request with logits derived from its prompt and image, greedy token = argmax, like the real engine."""
+    request with logits derived from its prompt and image, greedy token = argmax, like the real engine.
 
-    def __init__(self, vocab_size: int, emit_wrong_token: bool = False, logits: bool = True):
+    A request with DisaggregatedParams (the encode_once route) is answered like upstream's LLM: the image comes
+    from the embedding handle, not from multi_modal_data, and the fake checks what the engine would need: the
+    handle belongs to the request's own image, the hash is that image's key, and the mrope positions are the
+    ones the full prompt has (length and values)."""
+
+    def __init__(self, vocab_size: int, emit_wrong_token: bool = False, logits: bool = True, processor=None,
+                 handles=None, boost: tuple[list[int], float] | None = None):
         self.vocab_size = vocab_size
         self.emit_wrong_token = emit_wrong_token
         self.logits = logits
+        self.processor = processor
+        self.handles = handles
+        self.boost = boost  # (token ids, added logit): puts Yes/No into the top-k
         self.calls: list[tuple[list[dict], object]] = []
+        self.disaggregated: list[list] = []
 
-    def logits_for(self, request: dict) -> np.ndarray:
+    def logits_for(self, request: dict, digest_of_image: bytes | None = None) -> np.ndarray:
         digest = hashlib.sha256(request["prompt"].encode())
-        for image in request.get("multi_modal_data", {}).get("image", []):
-            digest.update(image.tobytes())
+        if digest_of_image is not None:
+            digest.update(digest_of_image)
+        else:
+            for image in request.get("multi_modal_data", {}).get("image", []):
+                digest.update(image_digest(image))
         seed = int.from_bytes(digest.digest()[:8], "little")
-        return np.random.default_rng(seed).normal(0.0, 3.0, size=self.vocab_size).astype(np.float32)
+        row = np.random.default_rng(seed).normal(0.0, 3.0, size=self.vocab_size).astype(np.float32)
+        if self.boost is not None:
+            row[self.boost[0]] += self.boost[1]
+        return row
 
-    def generate(self, requests, params, use_tqdm=True):
+    def _image_from_handles(self, request: dict, params) -> bytes:
+        assert params.request_type == "context_and_generation"
+        (embedding,) = params.multimodal_embedding_handles
+        images = request.get("multi_modal_data", {}).get("image", [])
+        if images:  # the request's own image and its handle must agree: blocks of two images never mix
+            assert embedding["digest"] == image_digest(images[0])
+            assert params.multimodal_hashes == [image_hash_key(images[0])]
+        ids = self.processor.tokenizer(request["prompt"], add_special_tokens=False).input_ids
+        positions = self.handles.load(params.mrope_position_ids_handle)
+        expected = fake_mrope(ids, image_pad_id(self.processor), embedding["tensor_size"][0])
+        np.testing.assert_array_equal(positions, expected)
+        return embedding["digest"]
+
+    def generate(self, requests, params, use_tqdm=True, disaggregated_params=None):
         assert isinstance(requests, list) and not use_tqdm
         self.calls.append((requests, params))
+        per_request = disaggregated_params or [None] * len(requests)
+        assert len(per_request) == len(requests)
+        self.disaggregated.append(list(per_request))
         outputs = []
-        for request in requests:
-            row = self.logits_for(request)
+        for request, dp in zip(requests, per_request, strict=True):
+            digest = None if dp is None else self._image_from_handles(request, dp)
+            row = self.logits_for(request, digest)
             token = int(row.argmin() if self.emit_wrong_token else row.argmax())
+            wants_logits = params.get("return_generation_logits", False)
             completion = SimpleNamespace(
                 token_ids=[token],
                 # [generated tokens, vocab] in bf16, as the PyTorch backend hands it over.
-                generation_logits=torch.from_numpy(row[None]).to(torch.bfloat16) if self.logits else None,
+                generation_logits=torch.from_numpy(row[None]).to(torch.bfloat16) if self.logits and wants_logits
+                else None,
+                logprobs=top_logprobs(row, params["logprobs"], token) if params.get("logprobs") else None,
                 text=f"  answer {len(self.calls)}.{len(outputs)}  ",  # call.request, with stray spaces
             )
             outputs.append(SimpleNamespace(outputs=[completion]))
+        return outputs
+
+
+def image_digest(image: Image.Image) -> bytes:
+    return hashlib.sha256(image.tobytes()).digest()
+
+
+def image_pad_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def fake_mrope(ids: list[int], image_token_id: int, image_tokens: int) -> np.ndarray:
+    """Qwen2-VL's 3-section rope positions ([3, 1, L]) for a prompt with one image of `image_tokens` tokens
+    (laid out as one row): text counts up in all sections, the image block spans a grid, text after it counts
+    on from the largest position plus one."""
+    columns, position = [], 0
+    for token in ids:
+        if token == image_token_id:
+            for index in range(image_tokens):
+                columns.append((position, position + index // 2, position + index % 2))
+            position = max(max(c) for c in columns) + 1
+        else:
+            columns.append((position, position, position))
+            position += 1
+    return np.array(columns, dtype=np.int64).T[:, None, :]
+
+
+def top_logprobs(row: np.ndarray, k: int, token: int) -> list[dict]:
+    logprobs = row.astype(np.float64) - np.log(np.exp(row.astype(np.float64) - row.max()).sum()) - row.max()
+    top = np.argsort(-logprobs)[:k]
+    return [{int(t): SimpleNamespace(logprob=float(logprobs[t]), rank=r + 1) for r, t in enumerate(top)}
+            | {token: SimpleNamespace(logprob=float(logprobs[token]), rank=1)}]
+
+
+class FakeHandles:
+    """TensorHandles on CPU: a handle is a dict naming an array kept here."""
+
+    def __init__(self):
+        self.arrays: dict[int, np.ndarray] = {}
+        self.releases = 0
+
+    def dump(self, array, like=None) -> dict:
+        key = len(self.arrays) + 1
+        self.arrays[key] = np.asarray(array).copy()
+        return {"key": key, "tensor_size": list(np.shape(array))}
+
+    def load(self, handle) -> np.ndarray:
+        return self.arrays[handle["key"]]
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+@dataclass(kw_only=True)
+class FakeDisaggregatedParams:
+    """The fields of tensorrt_llm.llmapi.DisaggregatedParams (1.2.x) this backend uses."""
+
+    request_type: str | None = None
+    multimodal_embedding_handles: list | None = None
+    multimodal_hashes: list | None = None
+    mrope_position_ids_handle: dict | None = None
+    mrope_position_deltas_handle: dict | None = None
+
+
+class FakeEncoder:
+    """Stands in for `tensorrt_llm.MultimodalEncoder`: one output per input, with the handles upstream's
+    encoder returns (embedding, its own random hash, mrope positions of the prompt it was given)."""
+
+    def __init__(self, processor, handles: FakeHandles):
+        self.processor = processor
+        self.handles = handles
+        self.calls: list[list[dict]] = []
+
+    def generate(self, inputs):
+        self.calls.append(list(inputs))
+        outputs = []
+        for request in inputs:
+            (image,) = request["multi_modal_data"]["image"]
+            tokens = max(1, (image.width // 28) * (image.height // 28))
+            ids = self.processor.tokenizer(request["prompt"], add_special_tokens=False).input_ids
+            params = FakeDisaggregatedParams(
+                multimodal_embedding_handles=[{"digest": image_digest(image), "tensor_size": [tokens, 16]}],
+                multimodal_hashes=[[7] * 8],  # the encoder's own key; the backend must replace it
+                mrope_position_ids_handle=self.handles.dump(fake_mrope(ids, image_pad_id(self.processor), tokens)),
+                mrope_position_deltas_handle={"delta": "same for every question"},
+            )
+            outputs.append(SimpleNamespace(disaggregated_params=params))
         return outputs
 
 
@@ -163,7 +297,7 @@ def test_score_is_yes_probability_of_each_questions_own_logits(processor, image)
 
 def test_score_sends_the_image_with_every_question_and_warms_the_prefix_first(processor, image):
     llm = FakeLLM(vocab_rows(processor))
-    make_backend(processor, llm).score(image, STATEMENTS)
+    make_backend(processor, llm, warm_prefix=True).score(image, STATEMENTS)
     assert [len(requests) for requests, _ in llm.calls] == [1, 2]
     for requests, params in llm.calls:
         assert params == SCORE_SAMPLING
@@ -183,15 +317,28 @@ def test_prior_is_one_batch_without_image_data(processor):
 
 def test_without_warm_prefix_all_questions_go_in_one_batch(processor, image):
     llm = FakeLLM(vocab_rows(processor))
-    make_backend(processor, llm, warm_prefix=False).score(image, STATEMENTS)
+    backend = make_backend(processor, llm)  # the default: no KV reuse, so nothing to warm
+    backend.score(image, STATEMENTS)
     assert [len(requests) for requests, _ in llm.calls] == [3]
+    assert backend.counters.vision_runs == 3  # per_question: the engine encodes the image with every question
+
+
+def test_the_whole_triton_batch_reaches_the_engine_in_one_call(processor, image):
+    other = Image.new("RGB", (64, 64), (200, 30, 30))
+    items = [(image, STATEMENTS), (None, STATEMENTS[:2]), (other, STATEMENTS[2:]), (other, [])]
+    llm = FakeLLM(vocab_rows(processor))
+    backend = make_backend(processor, llm)
+    batched = backend.score_batch(items)
+    assert [len(requests) for requests, _ in llm.calls] == [6]
+    assert backend.counters.history == [6] and backend.counters.engine_calls == 1
+    assert [len(s) for s in batched] == [3, 2, 1, 0]
 
 
 def test_score_batch_runs_many_images_in_two_engine_calls_with_each_items_own_scores(processor, image):
     other = Image.new("RGB", (64, 64), (200, 30, 30))
     items = [(image, STATEMENTS), (None, STATEMENTS[:2]), (other, STATEMENTS[2:]), (other, [])]
     llm = FakeLLM(vocab_rows(processor))
-    backend = make_backend(processor, llm)
+    backend = make_backend(processor, llm, warm_prefix=True)
     batched = backend.score_batch(items)
     # Heads: only the image with several questions warms a prefix; everything else goes in the second call.
     assert [len(requests) for requests, _ in llm.calls] == [1, 5]
@@ -252,7 +399,7 @@ def test_an_emitted_token_outside_the_row_is_refused():
 
 def test_reason_runs_two_turns_and_feeds_each_thought_back(processor, image):
     llm = FakeLLM(vocab_rows(processor))
-    answers = make_backend(processor, llm).reason(image, STATEMENTS)
+    answers = make_backend(processor, llm, warm_prefix=True).reason(image, STATEMENTS)
 
     # Turn 1 (warm + rest), then turn 2 (warm + rest).
     assert [len(requests) for requests, _ in llm.calls] == [1, 2, 1, 2]
@@ -279,7 +426,9 @@ def test_settings_build_llm_and_kv_cache_arguments(tiny_dir):
     assert arguments["backend"] == "pytorch"
     assert arguments["gather_generation_logits"] is True
     assert arguments["max_num_tokens"] >= settings.max_prompt_tokens
-    assert settings.kv_cache_arguments() == {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.5}
+    assert settings.kv_cache_arguments() == {"enable_block_reuse": False, "free_gpu_memory_fraction": 0.5}
+    assert settings.route == "auto" and settings.yes_no_from == "logprobs" and not settings.effective_warm_prefix
+    assert TRTLLMSettings(model=str(tiny_dir), enable_block_reuse=True).effective_warm_prefix
     assert TRTLLMSettings(model="Qwen/Qwen2-VL-7B-Instruct").model == "Qwen/Qwen2-VL-7B-Instruct"
 
 
