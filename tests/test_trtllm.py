@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -392,6 +393,267 @@ def test_an_emitted_token_outside_the_row_is_refused():
     output = SimpleNamespace(outputs=[SimpleNamespace(generation_logits=np.zeros((1, 5)), token_ids=[7])])
     with pytest.raises(RuntimeError, match="misaligned"):
         first_token_logits(output)
+
+
+# -- encode_once: the vision encoder once per image, handles per question --------------------------
+
+
+def make_encode_once(processor, **kwargs):
+    handles = FakeHandles()
+    llm = FakeLLM(vocab_rows(processor), processor=processor, handles=handles, boost=kwargs.pop("boost", None))
+    encoder = FakeEncoder(processor, handles)
+    backend = make_backend(
+        processor, llm, encoder=encoder, disaggregated_params=FakeDisaggregatedParams, handles=handles, **kwargs
+    )
+    return backend, llm, encoder, handles
+
+
+def test_encode_once_scores_equal_the_one_request_at_a_time_route(processor, image):
+    backend, llm, encoder, _ = make_encode_once(processor)
+    reference = make_backend(processor, FakeLLM(vocab_rows(processor)))
+    encoded = backend.score(image, STATEMENTS)
+    one_by_one = np.concatenate([reference.score(image, [q]) for q in STATEMENTS])
+    # The fake answers from the prompt and the image either way: equal means every question got its own
+    # image's embedding and the positions of its own prompt (the fake checks both).
+    np.testing.assert_allclose(encoded, one_by_one, rtol=1e-6)
+    assert backend.route == "encode_once" and reference.route == "per_question"
+
+
+def test_encode_once_runs_the_vision_encoder_once_per_distinct_image_in_one_call(processor, image):
+    other = Image.new("RGB", (64, 64), (200, 30, 30))
+    backend, llm, encoder, handles = make_encode_once(processor)
+    items = [(image, STATEMENTS), (other, STATEMENTS), (None, STATEMENTS[:1]), (image.copy(), STATEMENTS[:2])]
+    batched = backend.score_batch(items)
+    (sent,) = encoder.calls  # one encoder call, one input per distinct image
+    assert [r["multi_modal_data"]["image"][0].tobytes() for r in sent] == [image.tobytes(), other.tobytes()]
+    assert backend.counters.vision_runs == 2 and backend.counters.encoder_calls == 1
+    assert backend.counters.history == [9]  # every question of the batch in one LLM.generate
+    (params,) = llm.disaggregated
+    assert [p is None for p in params] == [False] * 6 + [True] + [False] * 2  # the prior carries no handles
+    assert params[0].multimodal_hashes == [image_hash_key(image)] == params[7].multimodal_hashes
+    assert params[3].multimodal_hashes == [image_hash_key(other)] != params[0].multimodal_hashes
+    assert handles.releases == 1  # the per-question position tensors are freed when the call is done
+    np.testing.assert_allclose(batched[3], batched[0][:2], rtol=1e-6)
+
+
+def test_encode_once_never_mixes_two_images(processor, image):
+    """A, B, A: with handles keyed by content, the second A is scored exactly as the first."""
+    other = Image.new("RGB", (80, 60), (20, 20, 220))
+    backend, llm, *_ = make_encode_once(processor, warm_prefix=True)
+    first = backend.score(image, STATEMENTS)
+    between = backend.score(other, STATEMENTS)
+    again = backend.score(image, STATEMENTS)
+    np.testing.assert_array_equal(again, first)
+    assert not np.allclose(between, first)
+    hashes = {tuple(p.multimodal_hashes[0]) for call in llm.disaggregated for p in call}
+    assert hashes == {tuple(image_hash_key(image)), tuple(image_hash_key(other))}
+    assert [len(requests) for requests, _ in llm.calls] == [1, 2] * 3  # warm_prefix still applies
+
+
+def test_encode_once_reasoning_encodes_the_image_once_for_both_turns(processor, image):
+    backend, llm, encoder, _ = make_encode_once(processor)
+    answers = backend.reason(image, STATEMENTS[:2])
+    assert len(encoder.calls) == 1 and backend.counters.vision_runs == 1
+    assert [len(requests) for requests, _ in llm.calls] == [2, 2] and len(answers) == 2
+
+
+def test_the_route_needs_encoder_class_and_handles_together(processor):
+    with pytest.raises(ValueError, match="encode_once needs"):
+        make_backend(processor, FakeLLM(vocab_rows(processor)), encoder=object())
+
+
+def test_image_hash_key_is_eight_int32_by_content_mode_and_size():
+    red = Image.new("RGB", (4, 2), (255, 0, 0))
+    key = image_hash_key(red)
+    assert len(key) == 8 and all(isinstance(v, int) and -(2**31) <= v < 2**31 for v in key)
+    assert image_hash_key(red.copy()) == key
+    assert image_hash_key(Image.new("RGB", (4, 2), (255, 0, 1))) != key
+    assert image_hash_key(Image.new("RGB", (2, 4), (255, 0, 0))) != key  # same bytes, another shape
+
+
+def test_question_positions_derive_from_the_encoded_prompt(processor):
+    backend = make_backend(processor, FakeLLM(vocab_rows(processor)))
+    pad = image_pad_id(processor)
+    encoded_ids = backend._token_ids(backend.yes_no_prompt(True, "a knife"))
+    for statement in ["a person is visible and holds a very long object in the left hand", "x"]:
+        ids = backend._token_ids(backend.yes_no_prompt(True, statement))
+        prefix = expanded_prefix_length(encoded_ids, ids, pad, image_tokens=6)
+        derived = extend_positions(fake_mrope(encoded_ids, pad, 6), prefix, len(ids) + 5)
+        np.testing.assert_array_equal(derived, fake_mrope(ids, pad, 6))
+    with pytest.raises(ValueError, match="does not share the image"):
+        expanded_prefix_length(encoded_ids, backend._token_ids(backend.yes_no_prompt(False, "x")), pad, 6)
+
+
+def test_positions_refuse_a_prefix_that_ends_inside_the_image():
+    positions = fake_mrope([1, 9, 2, 3], image_token_id=9, image_tokens=4)
+    with pytest.raises(ValueError, match="not a text token"):
+        extend_positions(positions, prefix=4, length=8)  # the 4th position is an image token
+    with pytest.raises(ValueError, match="within both prompts"):
+        extend_positions(positions, prefix=0, length=8)
+
+
+# -- Yes/No from top-k logprobs ----------------------------------------------------------------------
+
+
+def test_top_logprobs_with_every_spelling_give_the_logits_answer(processor):
+    yes, no = yes_no_token_ids(processor.tokenizer.get_vocab())
+    row = np.random.default_rng(3).normal(0, 3, size=vocab_rows(processor)).astype(np.float32)
+    row[yes + no] += 12.0
+    (top,) = top_logprobs(row, 20, int(row.argmax()))
+    score = yes_probability_from_top({t: v.logprob for t, v in top.items()}, yes, no)
+    assert score == pytest.approx(float(yes_probability(row, yes, no)), abs=1e-9)
+
+
+def test_top_logprobs_missing_a_side_or_too_much_mass_ask_for_logits():
+    assert yes_probability_from_top({1: -0.1, 2: -3.0}, [1], [5]) is None  # no No spelling listed
+    # Yes and No listed, but two absent No spellings could each be as likely as the listed No: refused.
+    assert yes_probability_from_top({1: -0.1, 5: -4.0}, [1], [5, 6, 7]) is None
+    # Absent spellings at most e^-12 each against listed mass near 1: accepted, within the tolerance.
+    score = yes_probability_from_top({1: -0.1, 5: -2.5, 9: -12.0}, [1, 2], [5, 6])
+    exact = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.5))
+    assert score == pytest.approx(exact) and 2 * math.exp(-12.0) < LOGPROB_TOLERANCE
+
+
+def test_logprobs_that_do_not_peak_at_the_emitted_token_are_refused():
+    output = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4], logprobs=[{4: -2.0, 5: -0.5}])])
+    with pytest.raises(RuntimeError, match="misaligned"):
+        first_token_logprobs(output)
+    assert first_token_logprobs(SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4], logprobs=None)])) is None
+
+
+def test_logprob_reading_sends_top_k_and_reruns_only_rows_that_miss_a_spelling(processor, image):
+    yes, no = yes_no_token_ids(processor.tokenizer.get_vocab())
+    boosted = FakeLLM(vocab_rows(processor), boost=(yes + no, 12.0))
+    backend = make_backend(processor, boosted, logprob_params=dict(LOGPROB_SAMPLING))
+    scores = backend.score(image, STATEMENTS)
+    assert [params for _, params in boosted.calls] == [LOGPROB_SAMPLING]  # all read from the top 20
+    assert backend.counters.logits_fallbacks == 0
+    exact = make_backend(processor, FakeLLM(vocab_rows(processor), boost=(yes + no, 12.0))).score(image, STATEMENTS)
+    np.testing.assert_allclose(scores, exact, atol=LOGPROB_TOLERANCE)
+
+    plain = FakeLLM(vocab_rows(processor))  # random rows: Yes and No are almost never both in the top 20
+    backend = make_backend(processor, plain, logprob_params=dict(LOGPROB_SAMPLING))
+    scores = backend.score(image, STATEMENTS)
+    assert [params for _, params in plain.calls] == [LOGPROB_SAMPLING, SCORE_SAMPLING]
+    assert backend.counters.logits_fallbacks == len(plain.calls[1][0]) > 0
+    reference = make_backend(processor, FakeLLM(vocab_rows(processor))).score(image, STATEMENTS)
+    np.testing.assert_allclose(scores, reference, rtol=1e-6)
+
+
+def test_logprob_fallback_on_encode_once_reuses_the_images_handles(processor, image):
+    backend, llm, encoder, _ = make_encode_once(processor, logprob_params=dict(LOGPROB_SAMPLING))
+    backend.score(image, STATEMENTS)
+    assert len(encoder.calls) == 1 and len(llm.calls) == 2
+    assert all(p is not None for p in llm.disaggregated[1])
+
+
+# -- the capability probe and the route -------------------------------------------------------------
+
+
+def fake_modules(encoder=True, mrope=True, logprobs=True, logits=True, shared=True, version="1.2.1"):
+    fields = ["request_type", "first_gen_tokens", "multimodal_embedding_handles", "multimodal_hashes"]
+    fields += ["mrope_position_ids_handle", "mrope_position_deltas_handle"] if mrope else []
+    sampling = ["max_tokens", "top_k"] + (["logprobs"] if logprobs else []) + (
+        ["return_generation_logits"] if logits else [])
+    root = SimpleNamespace(__version__=version, SamplingParams=dataclass_with(sampling))
+    if encoder:
+        root.MultimodalEncoder = object
+    modules = {
+        "tensorrt_llm": root,
+        "tensorrt_llm.llmapi": SimpleNamespace(DisaggregatedParams=dataclass_with(fields)),
+        "tensorrt_llm._torch.shared_tensor": SimpleNamespace(**({"SharedTensorContainer": object} if shared else {})),
+    }
+
+    def import_module(name):
+        if name not in modules:
+            raise ImportError(f"No module named {name!r}")
+        return modules[name]
+
+    return import_module
+
+
+def dataclass_with(names):
+    import dataclasses
+
+    return dataclasses.make_dataclass("Fake", [(n, object, None) for n in names])
+
+
+def test_probe_finds_each_capability_of_a_full_install():
+    caps = probe_capabilities(fake_modules())
+    assert caps.version == "1.2.1" and caps.encode_once and caps.logprobs and caps.generation_logits
+    assert caps.mrope_handles and caps.embedding_handles and not caps.problems
+    decision = choose_route(TRTLLMSettings(model="Qwen/Qwen2.5-VL-7B-Instruct"), "qwen2_5_vl", caps)
+    assert (decision.route, decision.yes_no_from) == ("encode_once", "logprobs")
+    assert any("KV block reuse off" in note for note in decision.notes)
+
+
+def test_probe_without_tensorrt_llm():
+    caps = probe_capabilities(lambda name: (_ for _ in ()).throw(ImportError("No module named 'tensorrt_llm'")))
+    assert caps == Capabilities(problems=caps.problems) and "cannot be imported" in caps.problems[0]
+    assert not caps.encode_once and not caps.logprobs
+
+
+@pytest.mark.parametrize(
+    ("modules", "model_type", "why"),
+    [
+        (fake_modules(), "qwen2_vl", "model_type 'qwen2_vl' has no encoder/prefill split"),
+        (fake_modules(mrope=False), "qwen2_5_vl", "mrope_position_ids_handle"),
+        (fake_modules(encoder=False), "qwen2_5_vl", "tensorrt_llm.MultimodalEncoder"),
+        (fake_modules(shared=False), "qwen2_5_vl", "SharedTensorContainer"),
+    ],
+)
+def test_auto_falls_back_to_per_question_with_the_reason_and_explicit_encode_once_is_refused(modules, model_type, why):
+    caps = probe_capabilities(modules)
+    decision = choose_route(TRTLLMSettings(model="Qwen/Qwen2-VL-7B-Instruct"), model_type, caps)
+    assert decision.route == "per_question" and why in decision.notes[0]
+    with pytest.raises(ValueError, match="route=encode_once is not possible"):
+        choose_route(TRTLLMSettings(model="Qwen/Qwen2-VL-7B-Instruct", route="encode_once"), model_type, caps)
+
+
+def test_route_choices_for_logprobs_logits_and_an_explicit_per_question():
+    settings = TRTLLMSettings(model="Qwen/Qwen2.5-VL-7B-Instruct")
+    no_logprobs = choose_route(settings, "qwen2_5_vl", probe_capabilities(fake_modules(logprobs=False)))
+    assert no_logprobs.yes_no_from == "logits" and any("no SamplingParams.logprobs" in n for n in no_logprobs.notes)
+    asked = choose_route(settings.model_copy(update={"route": "per_question"}), "qwen2_5_vl",
+                         probe_capabilities(fake_modules()))
+    assert asked.route == "per_question" and "as asked" in asked.notes[0]
+    with pytest.raises(ValueError, match="return_generation_logits"):
+        choose_route(settings, "qwen2_5_vl", probe_capabilities(fake_modules(logits=False)))
+
+
+def test_load_takes_the_route_the_probe_allows_and_logs_it(tiny_dir, tmp_path, processor, monkeypatch, caplog):
+    """`load` end to end on fake tensorrt_llm modules: a Qwen2.5-VL checkpoint gets the encoder, a Qwen2-VL one
+    does not; the log says which path was taken and why."""
+    import logging
+
+    import transformers
+
+    started = []
+    import_module = fake_modules()
+    trt, llmapi = import_module("tensorrt_llm"), import_module("tensorrt_llm.llmapi")
+    trt.MultimodalEncoder = lambda **kw: started.append(("encoder", kw)) or SimpleNamespace(shutdown=lambda: None)
+    trt.LLM = lambda **kw: started.append(("llm", kw)) or SimpleNamespace(shutdown=lambda: None)
+    llmapi.KvCacheConfig = lambda **kw: kw
+    shared = SimpleNamespace(SharedTensorContainer=object)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm._torch", SimpleNamespace(shared_tensor=shared))
+    monkeypatch.setitem(sys.modules, "tensorrt_llm._torch.shared_tensor", shared)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
+    caplog.set_level(logging.INFO, logger="safejudge.backends.trtllm")
+
+    qwen25 = _broken_copy(tiny_dir, tmp_path)
+    config = json.loads((qwen25 / "config.json").read_text())
+    (qwen25 / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_5_vl"}))
+    backend = TRTLLMVisionLanguageModel.load(TRTLLMSettings(model=str(qwen25)))
+    assert backend.route == "encode_once" and [kind for kind, _ in started] == ["encoder", "llm"]
+    assert backend.logprob_params.logprobs == LOGPROB_SAMPLING["logprobs"] and started[1][1]["kv_cache_config"]["enable_block_reuse"] is False
+    assert "route encode_once" in caplog.text
+
+    started.clear()
+    backend = TRTLLMVisionLanguageModel.load(TRTLLMSettings(model=str(tiny_dir)))
+    assert backend.route == "per_question" and [kind for kind, _ in started] == ["llm"]
+    assert "route per_question (because model_type 'qwen2_vl'" in caplog.text
 
 
 # -- reasoning ----------------------------------------------------------------------------------------
