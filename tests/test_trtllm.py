@@ -7,6 +7,7 @@ Qwen2.5-VL checkpoint directory in SAFEJUDGE_TRTLLM_MODEL; they skip cleanly oth
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -573,8 +574,6 @@ def fake_modules(encoder=True, mrope=True, logprobs=True, logits=True, shared=Tr
 
 
 def dataclass_with(names):
-    import dataclasses
-
     return dataclasses.make_dataclass("Fake", [(n, object, None) for n in names])
 
 
@@ -824,6 +823,14 @@ def test_registry_trtllm_scheme_checks_the_checkpoint_before_loading(tiny_dir, t
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------
+#
+# Need an NVIDIA GPU, tensorrt_llm (the NGC container of docs/gpu.md) and a checkpoint in
+# SAFEJUDGE_TRTLLM_MODEL (Qwen2.5-VL-7B-Instruct is the default; Qwen2-VL runs the per_question route).
+# Tolerance: GPU_ATOL between routes and batch shapes; bf16 kernels differ slightly with the batch shape,
+# a wrong image or misplaced positions move scores by far more.
+
+GPU_ATOL = 0.02
+GPU_QUESTIONS = STATEMENTS + ["the image is mostly red", "the image is mostly blue", "a dog is visible"]
 
 
 def _gpu_model() -> str:
@@ -833,13 +840,35 @@ def _gpu_model() -> str:
         pytest.skip("no CUDA GPU")
     model = os.environ.get("SAFEJUDGE_TRTLLM_MODEL")
     if not model:
-        pytest.skip("set SAFEJUDGE_TRTLLM_MODEL to a Qwen2-VL or Qwen2.5-VL checkpoint directory")
+        pytest.skip("set SAFEJUDGE_TRTLLM_MODEL to a Qwen2.5-VL or Qwen2-VL checkpoint directory")
     return model
 
 
 @pytest.fixture(scope="module")
 def gpu_backend():
-    settings = TRTLLMSettings(model=_gpu_model(), max_new_tokens=96, max_batch_size=16)
+    """The default settings (route auto, reuse off, logprobs reading), a share of the GPU left for the
+    reuse engine below."""
+    settings = TRTLLMSettings(model=_gpu_model(), max_new_tokens=96, max_batch_size=16, free_gpu_memory_fraction=0.3)
+    backend = TRTLLMVisionLanguageModel.load(settings)
+    yield backend
+    backend.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gpu_reference(gpu_backend):
+    """The same engine without the encoder and with full logits: the one-request-at-a-time reference."""
+    b = gpu_backend
+    return TRTLLMVisionLanguageModel(
+        b.llm, b.processor, b.model_id, b.fingerprint, b.score_params, b.reason_params, b.max_image_pixels
+    )
+
+
+@pytest.fixture(scope="module")
+def gpu_reuse_backend(gpu_backend):
+    settings = TRTLLMSettings(
+        model=_gpu_model(), max_new_tokens=96, max_batch_size=16, free_gpu_memory_fraction=0.3,
+        enable_block_reuse=True,
+    )
     backend = TRTLLMVisionLanguageModel.load(settings)
     yield backend
     backend.shutdown()
@@ -847,6 +876,20 @@ def gpu_backend():
 
 def _solid(colour: tuple[int, int, int]) -> Image.Image:
     return Image.new("RGB", (448, 448), colour)
+
+
+def _is_qwen25(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen2_5_vl"
+
+
+@pytest.mark.gpu
+def test_gpu_probe_finds_what_the_route_needs(gpu_backend):
+    caps = probe_capabilities()
+    assert caps.generation_logits and caps.logprobs, caps
+    if _is_qwen25(gpu_backend.model_id):
+        assert caps.encode_once, caps.missing_for_encode_once()
+        assert gpu_backend.route == "encode_once"
 
 
 @pytest.mark.gpu
@@ -858,19 +901,59 @@ def test_gpu_scores_are_probabilities_that_follow_the_image(gpu_backend):
 
 
 @pytest.mark.gpu
-def test_gpu_kv_reuse_never_mixes_images_and_matches_single_requests(gpu_backend):
-    questions = STATEMENTS + ["the image is mostly red"]
+def test_gpu_encode_once_equals_one_request_at_a_time(gpu_backend, gpu_reference):
+    red = _solid((220, 20, 20))
+    together = gpu_backend.score(red, GPU_QUESTIONS)
+    one_by_one = np.concatenate([gpu_reference.score(red, [q]) for q in GPU_QUESTIONS])
+    np.testing.assert_allclose(together, one_by_one, atol=GPU_ATOL, err_msg=f"route {gpu_backend.route}")
+
+
+@pytest.mark.gpu
+def test_gpu_vision_encoder_runs_once_per_image_and_the_batch_is_one_engine_call(gpu_backend, gpu_reference):
+    if gpu_backend.route != "encode_once":
+        pytest.skip(f"route {gpu_backend.route}: the engine encodes the image with every question")
     red, blue = _solid((220, 20, 20)), _solid((20, 20, 220))
-    first = gpu_backend.score(red, questions)
-    gpu_backend.score(blue, questions)  # fills the cache with another image's blocks
-    again = gpu_backend.score(red, questions)
-    one_by_one = np.concatenate([gpu_backend.score(red, [q]) for q in questions])
-    # bf16 kernels differ slightly between batch shapes; a reused wrong image would differ by far more.
-    np.testing.assert_allclose(again, first, atol=0.02)
-    np.testing.assert_allclose(one_by_one, first, atol=0.02)
-    together_red, together_blue = gpu_backend.score_batch([(red, questions), (blue, questions)])
-    np.testing.assert_allclose(together_red, first, atol=0.02)
-    np.testing.assert_allclose(together_blue, gpu_backend.score(blue, questions), atol=0.02)
+    items = [(red, GPU_QUESTIONS), (blue, GPU_QUESTIONS), (red.copy(), GPU_QUESTIONS[:2]), (None, GPU_QUESTIONS[:2])]
+    before = dataclasses.replace(gpu_backend.counters, history=list(gpu_backend.counters.history))
+    batched = gpu_backend.score_batch(items)
+    after = gpu_backend.counters
+    assert after.encoder_calls - before.encoder_calls == 1
+    assert after.vision_runs - before.vision_runs == 2  # red and blue; the copy of red shares its encoding
+    new_calls = after.history[len(before.history):]
+    assert new_calls[0] == sum(len(q) for _, q in items)  # the whole batch in one LLM.generate
+    assert len(new_calls) <= 2  # plus, at most, one call for rows the top-20 could not score
+    for (image, questions), scores in zip(items, batched, strict=True):
+        np.testing.assert_allclose(scores, gpu_reference.score(image, questions), atol=GPU_ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["default", "reuse"])
+def test_gpu_scores_never_mix_two_images(which, gpu_backend, gpu_reuse_backend, gpu_reference):
+    """A, B, A: the second A equals the first (with KV reuse on, B's blocks are in the cache in between)."""
+    backend = gpu_backend if which == "default" else gpu_reuse_backend
+    red, blue = _solid((220, 20, 20)), _solid((20, 20, 220))
+    first = backend.score(red, GPU_QUESTIONS)
+    between = backend.score(blue, GPU_QUESTIONS)
+    again = backend.score(red, GPU_QUESTIONS)
+    np.testing.assert_allclose(again, first, atol=GPU_ATOL)
+    np.testing.assert_allclose(between, gpu_reference.score(blue, GPU_QUESTIONS), atol=GPU_ATOL)
+    together_red, together_blue = backend.score_batch([(red, GPU_QUESTIONS), (blue, GPU_QUESTIONS)])
+    np.testing.assert_allclose(together_red, first, atol=GPU_ATOL)
+    np.testing.assert_allclose(together_blue, between, atol=GPU_ATOL)
+
+
+@pytest.mark.gpu
+def test_gpu_every_returned_row_peaks_at_the_emitted_token(gpu_backend, gpu_reference):
+    image = fit_pixel_budget(_solid((220, 20, 20)), gpu_backend.max_image_pixels)
+    requests = [gpu_reference._request(gpu_reference.yes_no_prompt(True, q), image) for q in GPU_QUESTIONS]
+    outputs = gpu_reference._run(requests, gpu_reference.score_params, [None] * len(requests))
+    for output in outputs:
+        row = first_token_logits(output)  # raises when the row is misaligned
+        assert int(row.argmax()) == int(output.outputs[0].token_ids[0])
+    if gpu_backend.logprob_params is not None:
+        for output in gpu_reference._run(requests, gpu_backend.logprob_params, [None] * len(requests)):
+            top = first_token_logprobs(output)
+            assert max(top, key=top.get) == int(output.outputs[0].token_ids[0])
 
 
 @pytest.mark.gpu
