@@ -199,13 +199,15 @@ class FakeHandles:
 
 @dataclass(kw_only=True)
 class FakeDisaggregatedParams:
-    """The fields of tensorrt_llm.llmapi.DisaggregatedParams (1.2.x) this backend uses."""
+    """The fields of tensorrt_llm.llmapi.DisaggregatedParams (1.2.x) this backend uses, and one it must pass
+    on untouched."""
 
     request_type: str | None = None
     multimodal_embedding_handles: list | None = None
     multimodal_hashes: list | None = None
     mrope_position_ids_handle: dict | None = None
     mrope_position_deltas_handle: dict | None = None
+    opaque_state: bytes | None = None
 
 
 class FakeEncoder:
@@ -229,6 +231,7 @@ class FakeEncoder:
                 multimodal_hashes=[[7] * 8],  # the encoder's own key; the backend must replace it
                 mrope_position_ids_handle=self.handles.dump(fake_mrope(ids, image_pad_id(self.processor), tokens)),
                 mrope_position_deltas_handle={"delta": "same for every question"},
+                opaque_state=b"kept",
             )
             outputs.append(SimpleNamespace(disaggregated_params=params))
         return outputs
@@ -403,9 +406,7 @@ def make_encode_once(processor, **kwargs):
     handles = FakeHandles()
     llm = FakeLLM(vocab_rows(processor), processor=processor, handles=handles, boost=kwargs.pop("boost", None))
     encoder = FakeEncoder(processor, handles)
-    backend = make_backend(
-        processor, llm, encoder=encoder, disaggregated_params=FakeDisaggregatedParams, handles=handles, **kwargs
-    )
+    backend = make_backend(processor, llm, encoder=encoder, handles=handles, **kwargs)
     return backend, llm, encoder, handles
 
 
@@ -433,6 +434,7 @@ def test_encode_once_runs_the_vision_encoder_once_per_distinct_image_in_one_call
     assert [p is None for p in params] == [False] * 6 + [True] + [False] * 2  # the prior carries no handles
     assert params[0].multimodal_hashes == [image_hash_key(image)] == params[7].multimodal_hashes
     assert params[3].multimodal_hashes == [image_hash_key(other)] != params[0].multimodal_hashes
+    assert all(p.opaque_state == b"kept" and p.mrope_position_deltas_handle for p in params if p is not None)
     assert handles.releases == 1  # the per-question position tensors are freed when the call is done
     np.testing.assert_allclose(batched[3], batched[0][:2], rtol=1e-6)
 
@@ -458,7 +460,7 @@ def test_encode_once_reasoning_encodes_the_image_once_for_both_turns(processor, 
     assert [len(requests) for requests, _ in llm.calls] == [2, 2] and len(answers) == 2
 
 
-def test_the_route_needs_encoder_class_and_handles_together(processor):
+def test_the_route_needs_encoder_and_handles_together(processor):
     with pytest.raises(ValueError, match="encode_once needs"):
         make_backend(processor, FakeLLM(vocab_rows(processor)), encoder=object())
 
@@ -551,7 +553,8 @@ def test_logprob_fallback_on_encode_once_reuses_the_images_handles(processor, im
 # -- the capability probe and the route -------------------------------------------------------------
 
 
-def fake_modules(encoder=True, mrope=True, logprobs=True, logits=True, shared=True, version="1.2.1"):
+def fake_modules(encoder=True, mrope=True, logprobs=True, logits=True, shared=True, version="1.2.1",
+                 encoder_in_torch=False):
     fields = ["request_type", "first_gen_tokens", "multimodal_embedding_handles", "multimodal_hashes"]
     fields += ["mrope_position_ids_handle", "mrope_position_deltas_handle"] if mrope else []
     sampling = ["max_tokens", "top_k"] + (["logprobs"] if logprobs else []) + (
@@ -564,6 +567,8 @@ def fake_modules(encoder=True, mrope=True, logprobs=True, logits=True, shared=Tr
         "tensorrt_llm.llmapi": SimpleNamespace(DisaggregatedParams=dataclass_with(fields)),
         "tensorrt_llm._torch.shared_tensor": SimpleNamespace(**({"SharedTensorContainer": object} if shared else {})),
     }
+    if encoder_in_torch:  # where releases before 1.2 kept it
+        modules["tensorrt_llm._torch.multimodal.mm_encoder"] = SimpleNamespace(MultimodalEncoder=object)
 
     def import_module(name):
         if name not in modules:
@@ -584,6 +589,11 @@ def test_probe_finds_each_capability_of_a_full_install():
     decision = choose_route(TRTLLMSettings(model="Qwen/Qwen2.5-VL-7B-Instruct"), "qwen2_5_vl", caps)
     assert (decision.route, decision.yes_no_from) == ("encode_once", "logprobs")
     assert any("KV block reuse off" in note for note in decision.notes)
+
+
+def test_probe_finds_the_encoder_in_its_older_home():
+    assert probe_capabilities(fake_modules(encoder=False, encoder_in_torch=True)).encode_once
+    assert not probe_capabilities(fake_modules(encoder=False)).multimodal_encoder
 
 
 def test_probe_without_tensorrt_llm():
@@ -646,7 +656,8 @@ def test_load_takes_the_route_the_probe_allows_and_logs_it(tiny_dir, tmp_path, p
     (qwen25 / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_5_vl"}))
     backend = TRTLLMVisionLanguageModel.load(TRTLLMSettings(model=str(qwen25)))
     assert backend.route == "encode_once" and [kind for kind, _ in started] == ["encoder", "llm"]
-    assert backend.logprob_params.logprobs == LOGPROB_SAMPLING["logprobs"] and started[1][1]["kv_cache_config"]["enable_block_reuse"] is False
+    assert backend.logprob_params.logprobs == LOGPROB_SAMPLING["logprobs"]
+    assert started[1][1]["kv_cache_config"]["enable_block_reuse"] is False
     assert "route encode_once" in caplog.text
 
     started.clear()

@@ -273,6 +273,27 @@ def _field_names(cls: Any) -> frozenset[str]:
         return frozenset()
 
 
+MULTIMODAL_ENCODER_MODULES = ("tensorrt_llm", "tensorrt_llm._torch.multimodal.mm_encoder")
+
+
+def _find_multimodal_encoder(import_module: Callable[[str], Any]) -> str | None:
+    """The module that exports MultimodalEncoder: the package itself in 1.2, its _torch home before."""
+    for name in MULTIMODAL_ENCODER_MODULES:
+        try:
+            if hasattr(import_module(name), "MultimodalEncoder"):
+                return name
+        except ImportError:
+            continue
+    return None
+
+
+def _multimodal_encoder_class() -> Any:
+    name = _find_multimodal_encoder(importlib.import_module)
+    if name is None:
+        raise RuntimeError("this tensorrt_llm has no MultimodalEncoder; use route=per_question")
+    return importlib.import_module(name).MultimodalEncoder
+
+
 def probe_capabilities(import_module: Callable[[str], Any] = importlib.import_module) -> Capabilities:
     """Check, without starting anything, each TensorRT-LLM capability this backend uses.
 
@@ -295,7 +316,7 @@ def probe_capabilities(import_module: Callable[[str], Any] = importlib.import_mo
         problems.append(f"tensorrt_llm._torch.shared_tensor cannot be imported: {exc}")
     return Capabilities(
         version=getattr(trt, "__version__", None),
-        multimodal_encoder=hasattr(trt, "MultimodalEncoder"),
+        multimodal_encoder=_find_multimodal_encoder(import_module) is not None,
         disaggregated_fields=_field_names(disaggregated),
         shared_tensor=shared,
         sampling_fields=_field_names(getattr(trt, "SamplingParams", None)),
@@ -649,8 +670,8 @@ class TRTLLMVisionLanguageModel:
 
     `llm` needs only `generate(inputs, sampling_params, use_tqdm=..., disaggregated_params=...)` returning one
     `RequestOutput` per input in order; `processor` is the checkpoint's Hugging Face processor (chat template and
-    tokenizer). With `encoder` (a `MultimodalEncoder`), `disaggregated_params` (its class) and `handles`
-    (TensorHandles) the route is encode_once, else per_question. `logprob_params` None reads logits only.
+    tokenizer). With `encoder` (a `MultimodalEncoder`) and `handles` (TensorHandles) the route is encode_once,
+    else per_question. `logprob_params` None reads logits only.
     """
 
     def __init__(
@@ -665,12 +686,11 @@ class TRTLLMVisionLanguageModel:
         warm_prefix: bool = False,
         logprob_params: Any = None,
         encoder: Any = None,
-        disaggregated_params: Callable[..., Any] | None = None,
         handles: TensorHandles | None = None,
         logprob_tolerance: float = LOGPROB_TOLERANCE,
     ):
-        if (encoder is None) != (disaggregated_params is None) or (encoder is None) != (handles is None):
-            raise ValueError("encode_once needs the encoder, the DisaggregatedParams class and tensor handles")
+        if (encoder is None) != (handles is None):
+            raise ValueError("encode_once needs both the encoder and tensor handles")
         self.llm = llm
         self.processor = processor
         self.model_id = model_id
@@ -681,7 +701,6 @@ class TRTLLMVisionLanguageModel:
         self.max_image_pixels = max_image_pixels
         self.warm_prefix = warm_prefix
         self.encoder = encoder
-        self.disaggregated_params = disaggregated_params
         self.handles = handles
         self.logprob_tolerance = logprob_tolerance
         self.yes_ids, self.no_ids = yes_no_token_ids(processor.tokenizer.get_vocab())
@@ -705,7 +724,7 @@ class TRTLLMVisionLanguageModel:
         # Imported here: tensorrt_llm initialises CUDA and MPI on import, which CPU machines must never do.
         import tensorrt_llm
         from tensorrt_llm import LLM, SamplingParams
-        from tensorrt_llm.llmapi import DisaggregatedParams, KvCacheConfig
+        from tensorrt_llm.llmapi import KvCacheConfig
         from transformers import AutoConfig, AutoProcessor
 
         if tensorrt_llm.__version__ != TRTLLM_VERSION:
@@ -720,7 +739,7 @@ class TRTLLMVisionLanguageModel:
             logger.info("trtllm %s (%s, tensorrt_llm %s): %s", settings.model, model_type, capabilities.version, note)
         encode_once = decision.route == "encode_once"
         # The encoder first: the LLM sizes its KV cache from the GPU memory left free.
-        encoder = tensorrt_llm.MultimodalEncoder(**settings.encoder_arguments()) if encode_once else None
+        encoder = _multimodal_encoder_class()(**settings.encoder_arguments()) if encode_once else None
         llm = LLM(**settings.llm_arguments(), kv_cache_config=KvCacheConfig(**settings.kv_cache_arguments()))
         return cls(
             llm,
@@ -733,7 +752,6 @@ class TRTLLMVisionLanguageModel:
             warm_prefix=settings.effective_warm_prefix,
             logprob_params=SamplingParams(**LOGPROB_SAMPLING) if decision.yes_no_from == "logprobs" else None,
             encoder=encoder,
-            disaggregated_params=DisaggregatedParams if encode_once else None,
             handles=SharedTensorHandles() if encode_once else None,
         )
 
@@ -807,18 +825,18 @@ class TRTLLMVisionLanguageModel:
         return encoded
 
     def _question_params(self, encoded: EncodedImage, prompt: str) -> Any:
-        """The DisaggregatedParams of one question about an encoded image: the image's embedding handles and
-        hash, mrope positions for this prompt's own length."""
+        """The DisaggregatedParams of one question about an encoded image: a copy of the encoder's (every field
+        it set, the embedding handles and the mrope deltas included) with the image's content hash and mrope
+        positions for this prompt's own length."""
         ids = self._token_ids(prompt)
         prefix = expanded_prefix_length(encoded.prompt_ids, ids, self.image_token_id, encoded.image_tokens)
         positions = extend_positions(encoded.positions, prefix, len(ids) + encoded.image_tokens - 1)
         original = encoded.params
-        return self.disaggregated_params(
+        return dataclasses.replace(
+            original,
             request_type="context_and_generation",
-            multimodal_embedding_handles=original.multimodal_embedding_handles,
             multimodal_hashes=[list(encoded.hash_key)],
             mrope_position_ids_handle=self.handles.dump(positions, original.mrope_position_ids_handle),
-            mrope_position_deltas_handle=original.mrope_position_deltas_handle,
         )
 
     def _params_for(self, groups: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image | None],
@@ -926,12 +944,14 @@ class TRTLLMVisionLanguageModel:
         first = [self._request(self._render(True, turn[:1]), image) for turn in turns]
         try:
             encoded = self._prepare([first], [image])  # both turns share the image's one encoding
-            thoughts = [o.outputs[0].text.strip() for o in self._generate([first], self.reason_params, [image], encoded)[0]]
+            (outputs,) = self._generate([first], self.reason_params, [image], encoded)
+            thoughts = [o.outputs[0].text.strip() for o in outputs]
             second = [
                 self._request(self._render(True, turn, [thought]), image)
                 for turn, thought in zip(turns, thoughts, strict=True)
             ]
-            return [o.outputs[0].text.strip() for o in self._generate([second], self.reason_params, [image], encoded)[0]]
+            (outputs,) = self._generate([second], self.reason_params, [image], encoded)
+            return [o.outputs[0].text.strip() for o in outputs]
         finally:
             if self.handles is not None:
                 self.handles.release()
