@@ -8,6 +8,7 @@ Qwen2.5-VL checkpoint directory in SAFEJUDGE_TRTLLM_MODEL; they skip cleanly oth
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -118,7 +120,7 @@ class FakeLLM:
             assert embedding["digest"] == image_digest(images[0])
             assert params.multimodal_hashes == [image_hash_key(images[0])]
         ids = self.processor.tokenizer(request["prompt"], add_special_tokens=False).input_ids
-        positions = self.handles.load(params.mrope_position_ids_handle)
+        positions, _ = self.handles.load(params.mrope_position_ids_handle)  # refuses a freed tensor
         expected = fake_mrope(ids, image_pad_id(self.processor), embedding["tensor_size"][0])
         np.testing.assert_array_equal(positions, expected)
         return embedding["digest"]
@@ -179,22 +181,32 @@ def top_logprobs(row: np.ndarray, k: int, token: int) -> list[dict]:
 
 
 class FakeHandles:
-    """TensorHandles on CPU: a handle is a dict naming an array kept here."""
+    """TensorHandles on CPU: a handle is a dict naming an array kept here; the tensors the backend makes are
+    alive while the keep-alive object it got is (the encoder's own live as long as the engine says)."""
 
     def __init__(self):
         self.arrays: dict[int, np.ndarray] = {}
-        self.releases = 0
+        self.keeps: dict[int, weakref.ref] = {}
 
-    def dump(self, array, like=None) -> dict:
+    def dump(self, array, like=None, owned_by_engine: bool = False) -> tuple[dict, object]:
         key = len(self.arrays) + 1
         self.arrays[key] = np.asarray(array).copy()
-        return {"key": key, "tensor_size": list(np.shape(array))}
+        keep = KeepAlive()
+        if not owned_by_engine:
+            self.keeps[key] = weakref.ref(keep)
+        return {"key": key, "tensor_size": list(np.shape(array))}, keep
 
-    def load(self, handle) -> np.ndarray:
-        return self.arrays[handle["key"]]
+    def load(self, handle) -> tuple[np.ndarray, str]:
+        key = handle["key"]
+        assert key not in self.keeps or self.keeps[key]() is not None, "the tensor behind this handle was freed"
+        return self.arrays[key], "like"
 
-    def release(self) -> None:
-        self.releases += 1
+    def alive(self) -> list[int]:
+        return [key for key, ref in self.keeps.items() if ref() is not None]
+
+
+class KeepAlive:
+    """What the fake hands out to keep alive (weakly referenceable, unlike None)."""
 
 
 @dataclass(kw_only=True)
@@ -229,7 +241,9 @@ class FakeEncoder:
             params = FakeDisaggregatedParams(
                 multimodal_embedding_handles=[{"digest": image_digest(image), "tensor_size": [tokens, 16]}],
                 multimodal_hashes=[[7] * 8],  # the encoder's own key; the backend must replace it
-                mrope_position_ids_handle=self.handles.dump(fake_mrope(ids, image_pad_id(self.processor), tokens)),
+                mrope_position_ids_handle=self.handles.dump(
+                    fake_mrope(ids, image_pad_id(self.processor), tokens), owned_by_engine=True
+                )[0],
                 mrope_position_deltas_handle={"delta": "same for every question"},
                 opaque_state=b"kept",
             )
@@ -424,7 +438,8 @@ def test_encode_once_scores_equal_the_one_request_at_a_time_route(processor, ima
 def test_encode_once_runs_the_vision_encoder_once_per_distinct_image_in_one_call(processor, image):
     other = Image.new("RGB", (64, 64), (200, 30, 30))
     backend, llm, encoder, handles = make_encode_once(processor)
-    items = [(image, STATEMENTS), (other, STATEMENTS), (None, STATEMENTS[:1]), (image.copy(), STATEMENTS[:2])]
+    items = [(image, STATEMENTS), (other, STATEMENTS), (None, STATEMENTS[:1]), (image.copy(), STATEMENTS[:2]),
+             (other, [])]
     batched = backend.score_batch(items)
     (sent,) = encoder.calls  # one encoder call, one input per distinct image
     assert [r["multi_modal_data"]["image"][0].tobytes() for r in sent] == [image.tobytes(), other.tobytes()]
@@ -435,7 +450,8 @@ def test_encode_once_runs_the_vision_encoder_once_per_distinct_image_in_one_call
     assert params[0].multimodal_hashes == [image_hash_key(image)] == params[7].multimodal_hashes
     assert params[3].multimodal_hashes == [image_hash_key(other)] != params[0].multimodal_hashes
     assert all(p.opaque_state == b"kept" and p.mrope_position_deltas_handle for p in params if p is not None)
-    assert handles.releases == 1  # the per-question position tensors are freed when the call is done
+    gc.collect()
+    assert len(handles.keeps) == 8 and not handles.alive()  # per-question positions, freed once the call is done
     np.testing.assert_allclose(batched[3], batched[0][:2], rtol=1e-6)
 
 

@@ -421,44 +421,36 @@ def _dump_size(handle: Any) -> int | None:
 
 
 class TensorHandles(Protocol):
-    """Reads and writes the shared-tensor handles DisaggregatedParams carry (cudaIPC on a GPU)."""
+    """Reads and writes the shared-tensor handles DisaggregatedParams carry (cudaIPC on a GPU). Stateless, so
+    concurrent calls never free each other's tensors: whoever dumps keeps the returned object alive."""
 
-    def load(self, handle: Any) -> np.ndarray: ...
+    def load(self, handle: Any) -> tuple[np.ndarray, Any]:
+        """The tensor behind a handle as an array, and what `dump` needs to make a tensor like it."""
+        ...
 
-    def dump(self, array: np.ndarray, like: Any) -> Any: ...
-
-    def release(self) -> None: ...
+    def dump(self, array: np.ndarray, like: Any) -> tuple[Any, Any]:
+        """A handle to a new tensor holding `array`, and the tensor, to keep alive while the handle is in use."""
+        ...
 
 
 class SharedTensorHandles:
-    """TensorHandles on `tensorrt_llm._torch.shared_tensor.SharedTensorContainer` (GPU only; not run on CPU).
-
-    Tensors it creates are kept alive until `release`, i.e. until the requests that carry them have finished.
-    """
+    """TensorHandles on `tensorrt_llm._torch.shared_tensor.SharedTensorContainer` (GPU only; not run on CPU)."""
 
     def __init__(self):
         from tensorrt_llm._torch.shared_tensor import SharedTensorContainer
 
         self._container = SharedTensorContainer
-        self._alive: list[Any] = []
-        self._like: dict[int, Any] = {}
 
-    def load(self, handle: Any) -> np.ndarray:
+    def load(self, handle: Any) -> tuple[np.ndarray, Any]:
         tensor = self._container.from_dict(handle).get_local_view()
-        self._like[id(handle)] = (tensor.device, tensor.dtype)
-        return tensor.detach().cpu().numpy()
+        return tensor.detach().cpu().numpy(), (tensor.device, tensor.dtype)
 
-    def dump(self, array: np.ndarray, like: Any) -> Any:
+    def dump(self, array: np.ndarray, like: Any) -> tuple[Any, Any]:
         import torch
 
-        device, dtype = self._like[id(like)]
+        device, dtype = like
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
-        self._alive.append(tensor)
-        return self._container.from_tensor(tensor).dump_to_dict()
-
-    def release(self) -> None:
-        self._alive.clear()
-        self._like.clear()
+        return self._container.from_tensor(tensor).dump_to_dict(), tensor
 
 
 @dataclass
@@ -469,7 +461,17 @@ class EncodedImage:
     params: Any  # the encoder output's DisaggregatedParams
     prompt_ids: list[int]  # the encoded prompt, image placeholder unexpanded
     positions: np.ndarray  # that prompt's mrope position ids
+    positions_like: Any  # what TensorHandles.dump needs to make position tensors like the encoder's
     image_tokens: int
+
+
+@dataclass
+class Encoding:
+    """The images of one call after the encoder, and the tensors its requests' handles point to: they live as
+    long as this object, i.e. until the call returns."""
+
+    images: dict[tuple[int, ...], EncodedImage] = field(default_factory=dict)
+    keep: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -790,21 +792,20 @@ class TRTLLMVisionLanguageModel:
 
     # -- encode_once bookkeeping -----------------------------------------------------------------------
 
-    def _encode(self, groups: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image | None]
-                ) -> dict[tuple[int, ...], EncodedImage]:
+    def _encode(self, groups: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image | None]) -> Encoding:
         """Run the vision encoder once per distinct image (by content hash), all in one encoder call."""
         first: dict[tuple[int, ...], dict[str, Any]] = {}
         for group, image in zip(groups, images, strict=True):
             if image is not None and group:
                 first.setdefault(tuple(image_hash_key(image)), group[0])
+        encoding = Encoding()
         if not first:
-            return {}
+            return encoding
         outputs = list(self.encoder.generate(list(first.values())))
         self.counters.encoder_calls += 1
         self.counters.vision_runs += len(first)
         if len(outputs) != len(first):
             raise RuntimeError(f"the encoder returned {len(outputs)} outputs for {len(first)} images")
-        encoded = {}
         for key, request, output in zip(first, first.values(), outputs, strict=True):
             params = output.disaggregated_params
             if params is None or not params.multimodal_embedding_handles or params.mrope_position_ids_handle is None:
@@ -813,7 +814,7 @@ class TRTLLMVisionLanguageModel:
                     "route=encode_once for this model; use route=per_question"
                 )
             prompt_ids = self._token_ids(request["prompt"])
-            positions = self.handles.load(params.mrope_position_ids_handle)
+            positions, like = self.handles.load(params.mrope_position_ids_handle)
             image_tokens = positions.shape[-1] - len(prompt_ids) + 1
             recorded = _dump_size(params.multimodal_embedding_handles[0])
             if image_tokens < 1 or (recorded is not None and recorded != image_tokens):
@@ -821,39 +822,43 @@ class TRTLLMVisionLanguageModel:
                     f"the encoder's mrope positions ({positions.shape[-1]}) do not fit its prompt ({len(prompt_ids)} "
                     f"tokens) and its embedding ({recorded} image tokens)"
                 )
-            encoded[key] = EncodedImage(list(key), params, prompt_ids, positions, image_tokens)
-        return encoded
+            encoding.images[key] = EncodedImage(list(key), params, prompt_ids, positions, like, image_tokens)
+        return encoding
 
-    def _question_params(self, encoded: EncodedImage, prompt: str) -> Any:
+    def _question_params(self, encoded: EncodedImage, prompt: str, keep: list[Any]) -> Any:
         """The DisaggregatedParams of one question about an encoded image: a copy of the encoder's (every field
         it set, the embedding handles and the mrope deltas included) with the image's content hash and mrope
         positions for this prompt's own length."""
         ids = self._token_ids(prompt)
         prefix = expanded_prefix_length(encoded.prompt_ids, ids, self.image_token_id, encoded.image_tokens)
         positions = extend_positions(encoded.positions, prefix, len(ids) + encoded.image_tokens - 1)
-        original = encoded.params
+        handle, tensor = self.handles.dump(positions, encoded.positions_like)
+        keep.append(tensor)
         return dataclasses.replace(
-            original,
+            encoded.params,
             request_type="context_and_generation",
             multimodal_hashes=[list(encoded.hash_key)],
-            mrope_position_ids_handle=self.handles.dump(positions, original.mrope_position_ids_handle),
+            mrope_position_ids_handle=handle,
         )
 
     def _params_for(self, groups: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image | None],
-                    encoded: Mapping[tuple[int, ...], EncodedImage] | None) -> list[list[Any]]:
+                    encoding: Encoding | None) -> list[list[Any]]:
         """The DisaggregatedParams of every request (None for those without an image, and on per_question)."""
-        if encoded is None:
+        if encoding is None:
             return [[None] * len(group) for group in groups]
         return [
             [None] * len(group) if image is None
-            else [self._question_params(encoded[tuple(image_hash_key(image))], r["prompt"]) for r in group]
+            else [
+                self._question_params(encoding.images[tuple(image_hash_key(image))], r["prompt"], encoding.keep)
+                for r in group
+            ]
             for group, image in zip(groups, images, strict=True)
         ]
 
     # -- engine calls ----------------------------------------------------------------------------------
 
     def _generate(self, groups: list[list[dict[str, Any]]], params: Any, images: Sequence[Image.Image | None],
-                  encoded: Mapping[tuple[int, ...], EncodedImage] | None = None) -> list[list[Any]]:
+                  encoded: Encoding | None = None) -> list[list[Any]]:
         """Run groups of requests (one group per image) in one engine call, or two with warm_prefix.
 
         With warm_prefix (KV reuse on), the first request of every group with an image runs in the first call;
@@ -887,7 +892,7 @@ class TRTLLMVisionLanguageModel:
         return outputs
 
     def _scored(self, groups: list[list[dict[str, Any]]], images: Sequence[Image.Image | None],
-                encoded: Mapping[tuple[int, ...], EncodedImage] | None) -> list[np.ndarray]:
+                encoded: Encoding | None) -> list[np.ndarray]:
         """M per request: from the top-k logprobs where they suffice, the rest rerun with full logits (one call)."""
         if self.logprob_params is None:
             outputs = self._generate(groups, self.score_params, images, encoded)
@@ -931,27 +936,19 @@ class TRTLLMVisionLanguageModel:
             [self._request(self.yes_no_prompt(image is not None, q), image) for q in questions]
             for image, (_, questions) in zip(images, items, strict=True)
         ]
-        try:
-            return self._scored(groups, images, self._prepare(groups, images))
-        finally:
-            if self.handles is not None:
-                self.handles.release()
+        return self._scored(groups, images, self._prepare(groups, images))
 
     def reason(self, image: Image.Image, questions: Sequence[str]) -> list[str]:
         """Two greedy turns per statement, batched: think step by step, then summarise as JSON."""
         image = fit_pixel_budget(image, self.max_image_pixels)
         turns = [reasoning_turns(statement) for statement in questions]
         first = [self._request(self._render(True, turn[:1]), image) for turn in turns]
-        try:
-            encoded = self._prepare([first], [image])  # both turns share the image's one encoding
-            (outputs,) = self._generate([first], self.reason_params, [image], encoded)
-            thoughts = [o.outputs[0].text.strip() for o in outputs]
-            second = [
-                self._request(self._render(True, turn, [thought]), image)
-                for turn, thought in zip(turns, thoughts, strict=True)
-            ]
-            (outputs,) = self._generate([second], self.reason_params, [image], encoded)
-            return [o.outputs[0].text.strip() for o in outputs]
-        finally:
-            if self.handles is not None:
-                self.handles.release()
+        encoded = self._prepare([first], [image])  # both turns share the image's one encoding
+        (outputs,) = self._generate([first], self.reason_params, [image], encoded)
+        thoughts = [o.outputs[0].text.strip() for o in outputs]
+        second = [
+            self._request(self._render(True, turn, [thought]), image)
+            for turn, thought in zip(turns, thoughts, strict=True)
+        ]
+        (outputs,) = self._generate([second], self.reason_params, [image], encoded)
+        return [o.outputs[0].text.strip() for o in outputs]
