@@ -886,7 +886,7 @@ def calibrate_command(
 
 @app.command("bench")
 def bench_command(
-    mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec; tiny:qwen2-vl-2b-shape for real-size cost"),
+    mllm: str = typer.Option("tiny:qwen2-vl", help="MLLM spec; tiny:qwen2-vl-2b-shape or -7b-shape for real-size cost"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
     constitution: Path = typer.Option(CONSTITUTIONS / "os-bench.yaml", help="constitution YAML"),
     constitution_rules: int = typer.Option(None, help="judge only the first N rules of the constitution"),

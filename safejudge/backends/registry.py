@@ -1,7 +1,8 @@
 """The one way anything gets models: a ModelSpec names each role as "<scheme>:<argument>".
 
     mllm       hf:<hub id or local dir> | tiny:qwen2-vl | tiny:idefics3
-               | tiny:qwen2-vl-2b-shape (Qwen2-VL-2B dimensions, random weights: for speed only)
+               | tiny:qwen2-vl-2b-shape | tiny:qwen2-vl-7b-shape (Qwen2-VL-2B/7B dimensions, random weights:
+                 for speed only)
                | trtllm:<hub id or local dir>[?option=value&...] (GPU; docs/gpu.md)
     relevance  onnx:<dir made by engine_build/export_clip.py> | tiny:clip | None
     detector   owlv2:<hub id or local dir> | tiny:owlv2 | None
@@ -82,7 +83,7 @@ def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
 
     from safejudge.backends.tiny import TINY_VERSION
 
-    source = _tiny("mllm", argument, ("qwen2-vl", "idefics3", "qwen2-vl-2b-shape"))
+    source = _tiny("mllm", argument, ("qwen2-vl", "idefics3", "qwen2-vl-2b-shape", "qwen2-vl-7b-shape"))
     # The fingerprint keys compiled priors by the files; the id adds what they do not say: the dtype.
     model_id = f"{spec.mllm}-v{TINY_VERSION}@{spec.dtype}"
     return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=model_id)

@@ -133,7 +133,7 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Qwen2-VL sizes: the test-sized one, and Qwen2-VL-2B-Instruct's published dimensions (random weights:
+# Qwen2-VL sizes: the test-sized one, and Qwen2-VL-2B/7B-Instruct's published dimensions (random weights:
 # an honest stand-in for speed and memory, never for accuracy).
 QWEN2_VL_SIZES: dict[str, dict] = {
     "tiny": dict(
@@ -157,30 +157,29 @@ QWEN2_VL_SIZES: dict[str, dict] = {
         # tokens then match the real model's, which is what the benchmark's costs depend on.
         tokenizer=dict(vocab_size=8000, corpus=_constitution_texts),
     ),
+    # Qwen2-VL-7B-Instruct's published config.json: 8.3B parameters, about 33 GB on disk in float32.
+    "7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064,
+                  max_position_embeddings=32768),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+        initializer_range=0.02,
+        pixels=(56 * 56, 1024 * 1024),
+        tokenizer=dict(vocab_size=8000, corpus=_constitution_texts),
+    ),
 }
 
 
-def _build_qwen2_vl(out: Path, seed: int, size: str = "tiny") -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    from safejudge.backends.hf import Qwen2VLImageOnlyProcessor
+def qwen2_vl_config(size: str, tokenizer):
+    """The Qwen2VLConfig of one of QWEN2_VL_SIZES, its special tokens taken from `tokenizer`."""
+    from transformers import Qwen2VLConfig
 
     dims = QWEN2_VL_SIZES[size]
-    tokenizer_settings = dict(dims["tokenizer"])
-    corpus = tokenizer_settings.pop("corpus", None)
-    tokenizer = _fast_tokenizer(
-        QWEN_SPECIAL_TOKENS,
-        QWEN_CHAT_TEMPLATE,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_texts=corpus() if corpus else (),
-        **tokenizer_settings,
-    )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     text = dict(dims["text"])
     mrope_section = text.pop("mrope_section")
     text["vocab_size"] = text["vocab_size"] or len(tokenizer)
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config=dict(
             **text,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
@@ -201,6 +200,25 @@ def _build_qwen2_vl(out: Path, seed: int, size: str = "tiny") -> None:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def _build_qwen2_vl(out: Path, seed: int, size: str = "tiny") -> None:
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from safejudge.backends.hf import Qwen2VLImageOnlyProcessor
+
+    dims = QWEN2_VL_SIZES[size]
+    tokenizer_settings = dict(dims["tokenizer"])
+    corpus = tokenizer_settings.pop("corpus", None)
+    tokenizer = _fast_tokenizer(
+        QWEN_SPECIAL_TOKENS,
+        QWEN_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_texts=corpus() if corpus else (),
+        **tokenizer_settings,
+    )
+    config = qwen2_vl_config(size, tokenizer)
     _seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     min_pixels, max_pixels = dims["pixels"]
@@ -365,6 +383,7 @@ def _build_owlv2(out: Path, seed: int) -> None:
 TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "qwen2-vl": _build_qwen2_vl,
     "qwen2-vl-2b-shape": lambda out, seed: _build_qwen2_vl(out, seed, size="2b"),
+    "qwen2-vl-7b-shape": lambda out, seed: _build_qwen2_vl(out, seed, size="7b"),
     "idefics3": _build_idefics3,
     "clip": _build_clip,
     "owlv2": _build_owlv2,
