@@ -13,8 +13,10 @@ so an ONNX-only stage never imports torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qsl
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -61,6 +63,28 @@ def _local_or_hub(role: str, argument: str) -> str:
     return str(path) if looks_local else argument
 
 
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _device_option(role: str, argument: str) -> tuple[str, str | None]:
+    """`<argument>?device=cuda` -> (argument, "cuda"); None when no device is named (the backend picks CUDA
+    when present, else the CPU). No other option is known."""
+    argument, separator, query = argument.partition("?")
+    if not separator:
+        return argument, None
+    try:
+        options = dict(parse_qsl(query, strict_parsing=True))
+    except ValueError as exc:
+        raise ModelSpecError(f"{role} options {query!r} must be key=value pairs joined by &: {exc}") from None
+    unknown = sorted(set(options) - {"device"})
+    if unknown:
+        raise ModelSpecError(f"unknown {role} option(s) {', '.join(unknown)} in {argument}?{query}; known: device")
+    device = options["device"]
+    if not DEVICE.fullmatch(device):
+        raise ModelSpecError(f"{role} device {device!r} must be cpu, cuda or cuda:<index>")
+    return argument, device
+
+
 def _tiny(role: str, argument: str, allowed: tuple[str, ...]) -> Path:
     from safejudge.backends.tiny import ensure_tiny_model
 
@@ -72,9 +96,10 @@ def _tiny(role: str, argument: str, allowed: tuple[str, ...]) -> Path:
 def _hf_mllm(argument: str, spec: ModelSpec) -> MLLM:
     from safejudge.backends.hf import HFVisionLanguageModel
 
+    argument, device = _device_option("mllm", argument)
     source = _local_or_hub("mllm", argument)
     return HFVisionLanguageModel.from_pretrained(
-        source, dtype=spec.dtype, threads=spec.threads, model_id=f"{spec.mllm}@{spec.dtype}"
+        source, dtype=spec.dtype, threads=spec.threads, device=device, model_id=f"{spec.mllm}@{spec.dtype}"
     )
 
 
@@ -83,10 +108,14 @@ def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
 
     from safejudge.backends.tiny import TINY_VERSION
 
+    argument, device = _device_option("mllm", argument)
     source = _tiny("mllm", argument, ("qwen2-vl", "idefics3", "qwen2-vl-2b-shape", "qwen2-vl-7b-shape"))
-    # The fingerprint keys compiled priors by the files; the id adds what they do not say: the dtype.
+    # The fingerprint keys compiled priors by the files; the id adds what they do not say: the dtype (and the
+    # device, inside spec.mllm).
     model_id = f"{spec.mllm}-v{TINY_VERSION}@{spec.dtype}"
-    return HFVisionLanguageModel.from_pretrained(source, dtype=spec.dtype, threads=spec.threads, model_id=model_id)
+    return HFVisionLanguageModel.from_pretrained(
+        source, dtype=spec.dtype, threads=spec.threads, device=device, model_id=model_id
+    )
 
 
 def _trtllm_mllm(argument: str, spec: ModelSpec) -> MLLM:
