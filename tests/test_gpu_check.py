@@ -39,7 +39,6 @@ def test_the_dry_run_passes_on_a_cpu_machine(tmp_path):
     for step in ("bash syntax", "imports", "TensorRT-LLM probe", "collect gpu tests", "bench command line"):
         assert f"| {step}" in summary
     assert "FAILED" not in summary and "pytest -m gpu" not in summary  # nothing ran that needs a GPU
-    assert "TODO(device)" in summary  # until the registry takes ?device=cuda, the bench runs on the CPU
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert set(probe) >= {"version", "multimodal_encoder", "encode_once", "logprobs"}
     assert "tests/test_trtllm.py::test_gpu_encode_once_equals_one_request_at_a_time" in (

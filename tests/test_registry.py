@@ -87,3 +87,15 @@ def test_a_directory_without_model_files_fails_with_a_clear_error(tmp_path):
         load_mllm(ModelSpec(mllm=f"hf:{tmp_path}"))
     with pytest.raises(ModelSpecError, match="cannot load relevance 'onnx:.*missing clip_onnx.json"):
         load_relevance(ModelSpec(relevance=f"onnx:{tmp_path}"))
+
+
+def test_hf_and_tiny_mllms_take_a_device_option():
+    model = load_mllm(ModelSpec(mllm="tiny:qwen2-vl?device=cpu", relevance=None, threads=1))
+    assert model.device.type == "cpu" and model.model_id.startswith("tiny:qwen2-vl?device=cpu")
+    for spec, message in (
+        ("tiny:qwen2-vl?device=tpu", "must be cpu, cuda or cuda:<index>"),
+        ("tiny:qwen2-vl?dev=cuda", "unknown mllm option"),
+        ("tiny:qwen2-vl?device", "key=value"),
+    ):
+        with pytest.raises(ModelSpecError, match=message):
+            load_mllm(ModelSpec(mllm=spec, relevance=None, threads=1))

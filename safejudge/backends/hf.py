@@ -89,6 +89,7 @@ class HFVisionLanguageModel:
         max_pack_tokens: int = 4096,
     ):
         self.model = model
+        self.device = next(model.parameters()).device
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation appends on the right
@@ -115,9 +116,11 @@ class HFVisionLanguageModel:
         max_new_tokens: int = 128,
         max_pack_tokens: int = 4096,
         model_id: str | None = None,
+        device: str | None = None,
     ) -> HFVisionLanguageModel:
         """Load by hub id or local directory. threads sets torch's (process-wide) intra-op thread count;
-        max_pack_tokens bounds the question tokens packed into one forward (the mask grows with its square)."""
+        max_pack_tokens bounds the question tokens packed into one forward (the mask grows with its square);
+        device: where every tensor lives (default CUDA when present, else the CPU). On a GPU use bfloat16."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if threads is not None:
@@ -126,7 +129,11 @@ class HFVisionLanguageModel:
         config = AutoConfig.from_pretrained(source)
         processor_class = PROCESSORS.get(config.model_type, AutoProcessor)
         processor = processor_class.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype]).eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # SDPA: fused attention on CUDA, and it takes the packed scoring's boolean block mask.
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=DTYPES[dtype], attn_implementation="sdpa"
+        ).to(device).eval()
         return cls(
             model,
             processor,
@@ -152,9 +159,10 @@ class HFVisionLanguageModel:
 
     def _encode(self, texts: Sequence[str], image: Image.Image | None):
         if image is None:
-            return self.tokenizer(list(texts), return_tensors="pt", padding=True)
+            return self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self.device)
         image = conform(image, max_aspect=self.max_aspect)
-        return self.processor(text=list(texts), images=[image] * len(texts), return_tensors="pt", padding=True)
+        inputs = self.processor(text=list(texts), images=[image] * len(texts), return_tensors="pt", padding=True)
+        return inputs.to(self.device)
 
     def _shared_prefix(self, prompts: Sequence[str], image: Image.Image | None) -> tuple[dict, list[list[int]]]:
         """Model inputs for the prompt prefix all prompts share, and each prompt's remaining token ids.
@@ -200,14 +208,15 @@ class HFVisionLanguageModel:
         """
         lengths = [len(s) for s in suffixes]
         total = sum(lengths)
-        input_ids = torch.tensor([token for suffix in suffixes for token in suffix])[None]
-        position_ids = torch.cat([next_position + torch.arange(n) for n in lengths])[None]
-        allowed = torch.zeros((total, prefix_length + total), dtype=torch.bool)
+        device = self.device
+        input_ids = torch.tensor([token for suffix in suffixes for token in suffix], device=device)[None]
+        position_ids = torch.cat([next_position + torch.arange(n, device=device) for n in lengths])[None]
+        allowed = torch.zeros((total, prefix_length + total), dtype=torch.bool, device=device)
         allowed[:, :prefix_length] = True
         ends, start = [], 0
         for n in lengths:
             allowed[start : start + n, prefix_length + start : prefix_length + start + n] = torch.tril(
-                torch.ones((n, n), dtype=torch.bool)
+                torch.ones((n, n), dtype=torch.bool, device=device)
             )
             start += n
             ends.append(start - 1)
@@ -243,7 +252,7 @@ class HFVisionLanguageModel:
             logits = torch.cat(
                 [self._suffix_logits(cache, prefix_length, next_position, pack) for pack in self._packs(suffixes)]
             )
-        return yes_probability(logits.float().numpy(), self.yes_ids, self.no_ids)
+        return yes_probability(logits.float().cpu().numpy(), self.yes_ids, self.no_ids)
 
     def minimum_tokens(self, image: Image.Image | None, questions: Sequence[str]) -> int:
         """The least any scorer must run for these questions: the shared prefix once plus each
