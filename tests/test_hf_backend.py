@@ -255,6 +255,11 @@ def test_prefix_reuse_gives_the_scores_of_a_fresh_prefill_and_encodes_an_image_o
     np.testing.assert_allclose(mllm.score(OTHER_IMAGE, STATEMENTS), fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5)
 
 
+def test_the_engine_asks_in_waves_on_this_backend_by_default(mllm):
+    assert JudgeOptions().schedule_for(mllm) == "waves"
+    assert JudgeOptions(schedule="all").schedule_for(mllm) == "all"
+
+
 def test_the_prefix_cache_is_bounded(mllm, monkeypatch):
     monkeypatch.setattr(mllm, "prefix_cache_size", 2)
     mllm._prefixes.clear()
