@@ -117,8 +117,8 @@ class HFVisionLanguageModel:
 
     # The engine's default schedule on this backend (JudgeOptions.schedule None). "waves" asks only what can
     # still change the verdict, and with the prefix LRU a later wave costs its questions' tokens plus one
-    # forward pass, never the image again: measured 1.8-5x faster than "all" when rules fail at their first
-    # item, 0.8-1.1x when nothing fails (benchmarks/RESULTS.md, "Schedules").
+    # forward pass, never the image again: measured 1.5-4x faster than "all" when rules fail at their first
+    # item, about 5 % slower when nothing fails (benchmarks/RESULTS.md, "Schedules").
     preferred_schedule = "waves"
 
     def __init__(
