@@ -294,3 +294,16 @@ def test_reasoning_on_the_cached_prefix_says_what_a_fresh_generation_says(mllm):
     fresh_before = fresh.stats.copy()
     fresh.reason(IMAGE, STATEMENTS[:3])
     assert used.tokens_processed < (fresh.stats - fresh_before).tokens_processed
+
+
+def test_scoring_after_reasoning_cuts_the_cached_prefix_back_to_the_image(mllm):
+    fresh = HFVisionLanguageModel(
+        mllm.model, mllm.processor, "fresh", mllm.fingerprint, mllm.max_new_tokens, prefix_cache_size=0
+    )
+    mllm._prefixes.clear()
+    mllm.reason(OTHER_IMAGE, STATEMENTS[:1])  # caches the reasoning prefix only
+    before = mllm.stats.copy()
+    scores = mllm.score(OTHER_IMAGE, STATEMENTS)  # the image's KV reused, the yes/no opening run on top
+    np.testing.assert_allclose(scores, fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5, rtol=0)
+    used = mllm.stats - before
+    assert used.vision_encodings == 0 and used.prefix_hits == 1

@@ -270,19 +270,19 @@ class HFVisionLanguageModel:
         ids = tuple(prefix["input_ids"][0].tolist())
         digest = _image_digest(image)
         image_end = self._image_end(ids) if image is not None else 0
+        base, shared = None, 0
         with self._prefix_lock:
             found = self._prefixes.get((digest, ids))
             if found is not None:
                 self._prefixes.move_to_end((digest, ids))
-            base, shared = None, 0
-            for (entry_digest, _), entry in reversed(self._prefixes.items()):
-                if found is None and entry_digest == digest:
+                self.stats.prefix_hits += 1
+                return found
+            # Else the cached prefix of this image sharing the most tokens with this one, the image included.
+            for (entry_digest, _), entry in self._prefixes.items():
+                if entry_digest == digest:
                     common = _common_prefix_length([entry.ids, ids])
                     if common > shared and common >= max(image_end, entry.image_end, 1):
                         base, shared = entry, common
-        if found is not None:
-            self.stats.prefix_hits += 1
-            return found
         if base is None:
             cache, next_position = self._prefill(prefix)
             made = _Prefix(cache, ids, next_position, image_end)
