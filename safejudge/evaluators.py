@@ -2,9 +2,25 @@
 
 `sequential` runs Algorithm 1 as published: rule by rule, precondition by precondition, one MLLM call
 for M(x,c) and one for the prior M(None,c) every time, stopping a rule at its first failed item. It is
-the reference and the performance baseline. `batched` asks every question of every relevant rule in
-one call, looks priors up in the compiled constitution, and runs Strategy 2 and reasoning only for
+the reference and the performance baseline. `batched` looks priors up in the compiled constitution,
+scores the questions in batched calls (a schedule, below), and runs Strategy 2 and reasoning only for
 what is still undecided, each as one batched call. Both give the same verdict (tests/test_evaluators).
+
+Schedules of the engine's scoring (JudgeOptions.schedule):
+- "all": every question of every relevant rule in ONE scoring call.
+- "waves": wave 1 asks the first item's alternatives of every relevant rule; each later wave asks, of
+  every rule not yet cleared by a failed item, the alternatives of its next item not yet held. Items
+  left inconclusive by the quick tests do NOT stop their rule: its next item is asked speculatively in
+  the next wave, and Strategy 2 and reasoning run once, after the last wave, exactly as with "all".
+  So a judgement takes at most (longest chain) scoring calls, and only questions of rules whose earlier
+  items all hold or are inconclusive are scored. The trade-off: a question is sometimes scored for a rule
+  that reasoning about an earlier inconclusive item would have cleared (a wasted suffix of a few tokens),
+  in exchange for never waiting on reasoning between waves (no extra waves) and never reasoning about an
+  item whose rule a cheap later question clears. The verdict equals "all"'s (and the paper's loop's):
+  a rule cleared by either is cleared by the same failed item, and a rule not cleared has every item
+  held or fully scored under both, so Strategy 2 and reasoning see the same pending statements.
+- None: the MLLM backend's `preferred_schedule` attribute ("all" when it has none), set by measurement
+  (benchmarks/RESULTS.md, "Schedules").
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safejudge.backends.base import Detection, Models
-from safejudge.compiled import CompiledConstitution, all_statements
+from safejudge.compiled import CompiledConstitution
 from safejudge.constitution import Rule, Thresholds
 from safejudge.decision import (
     chain_outcome,
@@ -45,6 +61,10 @@ from safejudge_client.verdict import (
 )
 
 
+Schedule = Literal["all", "waves"]
+SCHEDULES: tuple[str, ...] = ("all", "waves")
+
+
 class JudgeOptions(BaseModel):
     """Per-request settings (the `OPTIONS` JSON of a request)."""
 
@@ -60,6 +80,11 @@ class JudgeOptions(BaseModel):
         None, ge=1, description="frames of an animated image to judge; None: the default (8) or the server's"
     )
     evidence: Literal["full", "none"] = "full"
+    schedule: Schedule | None = Field(
+        None,
+        description='scoring schedule: "all" questions in one call, or "waves" item by item, asking only what '
+        "can still change the verdict; None: the MLLM backend's preference",
+    )
     relevance_filter: bool = True
     strategy2: bool = True
     fail_closed: bool = Field(
@@ -83,6 +108,13 @@ class JudgeOptions(BaseModel):
 
     def thresholds_for(self, base: Thresholds) -> Thresholds:
         return base.merged(self.thresholds)
+
+    def schedule_for(self, mllm: object) -> Schedule:
+        """The schedule asked for, else the backend's `preferred_schedule`, else "all"."""
+        schedule = self.schedule or getattr(mllm, "preferred_schedule", None) or "all"
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r} (backend preference?); one of {', '.join(SCHEDULES)}")
+        return schedule
 
 
 @dataclass
@@ -358,10 +390,12 @@ def _pending(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list
         if _rule_outcome(rule, assessments) != Outcome.INCONCLUSIVE:
             continue
         for item in rule.preconditions:
-            alts = [assessments[(alt.text, alt.central_object)] for alt in item]
-            if item_outcome(a.outcome for a in alts) == Outcome.INCONCLUSIVE:
+            # An alternative never scored ("waves": its item already held) counts as not evaluated.
+            alts = [assessments.get((alt.text, alt.central_object)) for alt in item]
+            outcomes = (Outcome.NOT_EVALUATED if a is None else a.outcome for a in alts)
+            if item_outcome(outcomes) == Outcome.INCONCLUSIVE:
                 for a in alts:
-                    if a.outcome == Outcome.INCONCLUSIVE:
+                    if a is not None and a.outcome == Outcome.INCONCLUSIVE:
                         pending.setdefault(id(a), a)
     return list(pending.values())
 
@@ -382,6 +416,50 @@ class _FrameResult:
         return [rule for rule in self.relevant if _rule_outcome(rule, self.assessments) == Outcome.SATISFIED]
 
 
+def _every_alternative(relevant: list[Rule]) -> list[tuple]:
+    return list(
+        dict.fromkeys((alt.text, alt.central_object) for rule in relevant for item in rule.preconditions for alt in item)
+    )
+
+
+def _next_wave(relevant: list[Rule], assessments: dict[tuple, Assessment]) -> list[tuple]:
+    """The "waves" schedule: of every rule not cleared by a failed item, the unscored alternatives of its
+    first item that does not already hold. An item that is scored but inconclusive does not stop its
+    rule (the next item is asked speculatively; see the module docstring). Empty when nothing is left."""
+    wave: dict[tuple, None] = {}
+    for rule in relevant:
+        if _rule_outcome(rule, assessments) == Outcome.FAILED:
+            continue
+        for item in rule.preconditions:
+            keys = [(alt.text, alt.central_object) for alt in item]
+            if any((a := assessments.get(key)) is not None and a.outcome == Outcome.SATISFIED for key in keys):
+                continue
+            unscored = [key for key in keys if key not in assessments]
+            if unscored:
+                wave.update(dict.fromkeys(unscored))
+                break
+    return list(wave)
+
+
+def _score_wave(
+    image: Image.Image,
+    keys: list[tuple],
+    assessments: dict[tuple, Assessment],
+    scores: dict[str, float],
+    compiled: CompiledConstitution,
+    counter: _CallCounter,
+    thresholds: Thresholds,
+) -> None:
+    """One scoring call for the statements of keys not scored yet, then the quick tests on each key."""
+    statements = [text for text in dict.fromkeys(text for text, _ in keys) if text not in scores]
+    if statements:
+        scores.update(zip(statements, map(float, counter.score(image, statements)), strict=True))
+    for key in keys:
+        a = assessments[key] = Assessment(*key)
+        a.score, a.prior = scores[a.text], compiled.priors[a.text]
+        _apply_quick(a, thresholds)
+
+
 def _judge_frame(
     image: Image.Image,
     compiled: CompiledConstitution,
@@ -392,8 +470,9 @@ def _judge_frame(
     clock: _Clock,
     image_embedding: np.ndarray | None,
 ) -> _FrameResult:
-    """The engine on one image: one scoring call for all questions of all relevant rules, priors from the
-    compiled constitution, then Strategy 2 and reasoning, each batched, only where a verdict depends on it."""
+    """The engine on one image: the questions of the relevant rules in one scoring call ("all") or in waves
+    ("waves"), priors from the compiled constitution, then Strategy 2 and reasoning, each batched, only
+    where a verdict depends on it."""
     t = time.perf_counter()
     relevant, skipped, relevance = _relevant_rules(
         image, compiled.rules, lambda: compiled.rule_embeddings, models, thresholds, options, image_embedding
@@ -401,15 +480,13 @@ def _judge_frame(
     clock.add("relevance_ms", t)
 
     t = time.perf_counter()
-    keys = list(
-        dict.fromkeys((alt.text, alt.central_object) for rule in relevant for item in rule.preconditions for alt in item)
-    )
-    assessments = {key: Assessment(*key) for key in keys}
-    statements = all_statements(relevant)
-    scores = dict(zip(statements, counter.score(image, statements), strict=True)) if statements else {}
-    for a in assessments.values():
-        a.score, a.prior = float(scores[a.text]), compiled.priors[a.text]
-        _apply_quick(a, thresholds)
+    assessments: dict[tuple, Assessment] = {}
+    scores: dict[str, float] = {}
+    if options.schedule_for(models.mllm) == "all":
+        _score_wave(image, _every_alternative(relevant), assessments, scores, compiled, counter, thresholds)
+    else:
+        while wave := _next_wave(relevant, assessments):
+            _score_wave(image, wave, assessments, scores, compiled, counter, thresholds)
     clock.add("scoring_ms", t)
 
     views = []

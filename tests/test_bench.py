@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -22,7 +24,10 @@ def test_bench_in_process_reports_ratios_and_writes_results(tmp_path):
     assert result.exit_code == 0, result.output
     report = results.read_text()
     assert "| sequential (paper's loop) | 1 |" in report and "| engine in process | 2 |" in report
-    assert "tokens processed per image: engine **1.00×** the minimum" in report
+    # The HF backend's default schedule ("waves") asks only what can still change the verdict, so the engine
+    # may run fewer tokens than the minimum for every question of the considered rules; never more.
+    tokens = re.search(r"tokens processed per image: engine \*\*([0-9.]+)×\*\* the minimum", report)
+    assert tokens and float(tokens.group(1)) <= 1.0
     assert (tmp_path / "throughput_vs_rules.png").stat().st_size > 1000
 
 

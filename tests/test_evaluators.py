@@ -76,11 +76,29 @@ def test_sequential_and_batched_agree_for_any_scores(rules, with_image, prior, v
     models = Models(mllm=mllm, detector=ScriptedDetector(boxes))
     compiled = compile_constitution(constitution, models)
     reference = judge_sequential(IMAGE, compiled, models)
-    engine = judge_batched(IMAGE, compiled, models)
+    engine = judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="all"))
     assert engine.decision() == reference.decision()
     # The engine's calls are bounded by the image views, whatever the number of rules: one scoring call,
     # one per detected central object (2 words here), one reasoning call per view (image + 2 crops).
     assert engine.mllm_calls <= 1 + 2 + 3
+    mllm.score_calls.clear()
+    waves = judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="waves"))
+    assert waves.decision() == reference.decision()
+    # Waves: at most one scoring call per item of the longest chain (3 here), never more questions than "all",
+    # and the same Strategy 2 and reasoning work (the same statements are pending after the last wave).
+    image_calls = [n for kind, n in mllm.score_calls if kind == "image"]
+    assert 1 <= len(image_calls) <= max(len(c) for c in rules)
+    assert waves.questions_scored <= engine.questions_scored
+    assert waves.reasoning_calls == engine.reasoning_calls
+    assert waves.mllm_calls <= 3 + 2 + 3
+    # The two schedules reason about the same statements in the same order, so they agree under a budget too
+    # (the paper's loop spends a budget differently: it reasons before it knows a later item fails).
+    for budget in (0, 1):
+        options = {"max_reasoning_calls": budget, "fail_closed": False}
+        assert (
+            judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="waves", **options)).decision()
+            == judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="all", **options)).decision()
+        )
 
 
 def two_rule_constitution() -> Constitution:
@@ -136,6 +154,50 @@ def test_batched_scores_everything_in_one_call_and_uses_compiled_priors():
     assert mllm.score_calls == [("image", 5)]
     assert verdict.mllm_calls == 1 and verdict.questions_scored == 5
     assert sorted(verdict.violated_rule_ids) == ["r0", "r1"]
+
+
+def test_waves_ask_only_first_items_when_every_rule_fails_there():
+    scores = {**{s: 0.95 for s in PRIOR}, "a person is visible": 0.05, "flames are visible": 0.05}
+    mllm = scripted(scores, PRIOR)
+    models = Models(mllm=mllm)
+    compiled = compile_constitution(two_rule_constitution(), models)
+    mllm.score_calls.clear()
+    verdict = judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="waves"))
+    assert mllm.score_calls == [("image", 2)]  # "a person is visible", "flames are visible"; nothing else
+    assert verdict.safe and verdict.mllm_calls == 1 and verdict.questions_scored == 2
+    mllm.score_calls.clear()
+    judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="all"))
+    assert mllm.score_calls == [("image", 5)]
+
+
+def test_waves_ask_later_items_of_held_and_inconclusive_rules_in_one_wave_each():
+    scores = {**{s: 0.95 for s in PRIOR}, "a person is visible": 0.7, "a blade is visible": 0.1}
+    mllm = scripted(scores, PRIOR, reasoning={"a person is visible": no()})
+    models = Models(mllm=mllm)
+    compiled = compile_constitution(two_rule_constitution(), models)
+    mllm.score_calls.clear()
+    verdict = judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="waves"))
+    # Wave 1: both first items. Wave 2: r0's second item (asked although r0's first is inconclusive) and
+    # r1's. Reasoning once, after the last wave, about the only statement the verdict depends on.
+    assert mllm.score_calls == [("image", 2), ("image", 3)]
+    assert mllm.reason_calls == [["a person is visible"]]
+    assert verdict.violated_rule_ids == ["r1"]
+
+
+def test_the_backend_preference_picks_the_schedule_unless_the_request_does():
+    scores = {**{s: 0.95 for s in PRIOR}, "a person is visible": 0.05, "flames are visible": 0.05}
+    mllm = scripted(scores, PRIOR)
+    models = Models(mllm=mllm)
+    compiled = compile_constitution(two_rule_constitution(), models)
+    assert JudgeOptions().schedule_for(mllm) == "all"  # no preference: today's behaviour
+    mllm.preferred_schedule = "waves"
+    assert judge_batched(IMAGE, compiled, models).questions_scored == 2
+    assert judge_batched(IMAGE, compiled, models, JudgeOptions(schedule="all")).questions_scored == 5
+    mllm.preferred_schedule = "eventually"
+    with pytest.raises(ValueError, match="eventually"):
+        JudgeOptions().schedule_for(mllm)
+    with pytest.raises(ValueError, match="schedule"):
+        JudgeOptions.model_validate({"schedule": "eventually"})
 
 
 def test_sequential_asks_prior_every_time_and_stops_at_first_failed_item():

@@ -204,13 +204,13 @@ def test_sequential_and_batched_evaluators_agree_on_the_tiny_models(mllm):
     spec = ModelSpec(detector="tiny:owlv2")
     models = Models(mllm=mllm, relevance=load_relevance(spec), detector=load_detector(spec))
     compiled = compile_constitution(CONSTITUTION, models)
-    options = JudgeOptions()
     for image in (IMAGE, OTHER_IMAGE):
-        batched = judge_batched(image, compiled, models, options)
-        sequential = judge_sequential(image, compiled, models, options)
-        assert batched.decision() == sequential.decision()
-        assert batched.rules_considered == ["blood", "knife", "kiss"]
-        assert batched.mllm_calls <= sequential.mllm_calls
+        sequential = judge_sequential(image, compiled, models, JudgeOptions())
+        for schedule in ("all", "waves"):
+            batched = judge_batched(image, compiled, models, JudgeOptions(schedule=schedule))
+            assert batched.decision() == sequential.decision()
+            assert batched.rules_considered == ["blood", "knife", "kiss"]
+            assert batched.mllm_calls <= sequential.mllm_calls
 
 
 def test_scoring_counts_forward_passes_and_tokens_against_the_minimum():
@@ -233,3 +233,77 @@ def test_scoring_counts_forward_passes_and_tokens_against_the_minimum():
 def test_any_image_size_is_scored(mllm, size):
     scores = mllm.score(odd_image(size), STATEMENTS[:2])
     assert scores.shape == (2,) and np.all((scores > 0) & (scores < 1))
+
+
+def test_prefix_reuse_gives_the_scores_of_a_fresh_prefill_and_encodes_an_image_once(mllm):
+    fresh = HFVisionLanguageModel(
+        mllm.model, mllm.processor, "fresh", mllm.fingerprint, mllm.max_new_tokens, prefix_cache_size=0
+    )
+    expected = fresh.score(IMAGE, STATEMENTS)
+    mllm._prefixes.clear()
+    before = mllm.stats.copy()
+    first = mllm.score(IMAGE, STATEMENTS[:2])  # wave 1
+    second = mllm.score(IMAGE, STATEMENTS[2:])  # wave 2: other questions, the same image
+    np.testing.assert_allclose(np.concatenate([first, second]), expected, atol=1e-5, rtol=0)
+    used = mllm.stats - before
+    assert used.vision_encodings == 1 and used.prefix_prefills == 1 and used.prefix_hits == 1
+    # A different image (a Strategy 2 view is one) is encoded; the same pixels in a new object are not.
+    mllm.score(OTHER_IMAGE, STATEMENTS[:1])
+    mllm.score(IMAGE.copy(), STATEMENTS[:1])
+    used = mllm.stats - before
+    assert used.vision_encodings == 2 and used.prefix_hits == 2
+    np.testing.assert_allclose(mllm.score(OTHER_IMAGE, STATEMENTS), fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5)
+
+
+def test_the_engine_asks_in_waves_on_this_backend_by_default(mllm):
+    assert JudgeOptions().schedule_for(mllm) == "waves"
+    assert JudgeOptions(schedule="all").schedule_for(mllm) == "all"
+
+
+def test_the_prefix_cache_is_bounded(mllm, monkeypatch):
+    monkeypatch.setattr(mllm, "prefix_cache_size", 2)
+    mllm._prefixes.clear()
+    images = [noise_image(seed) for seed in (11, 12, 13)]
+    before = mllm.stats.copy()
+    for image in images:
+        mllm.score(image, STATEMENTS[:1])
+    assert len(mllm._prefixes) == 2
+    mllm.score(images[0], STATEMENTS[:1])  # the oldest was evicted: encoded again
+    mllm.score(images[2], STATEMENTS[:1])  # still cached
+    assert (mllm.stats - before).vision_encodings == 4
+    monkeypatch.setattr(mllm, "prefix_cache_size", 0)
+    mllm._prefixes.clear()
+    mllm.score(images[0], STATEMENTS[:1])
+    mllm.score(images[0], STATEMENTS[:1])
+    assert not mllm._prefixes and (mllm.stats - before).vision_encodings == 6
+
+
+def test_reasoning_on_the_cached_prefix_says_what_a_fresh_generation_says(mllm):
+    fresh = HFVisionLanguageModel(
+        mllm.model, mllm.processor, "fresh", mllm.fingerprint, mllm.max_new_tokens, prefix_cache_size=0
+    )
+    expected = fresh.reason(IMAGE, STATEMENTS[:3])
+    mllm._prefixes.clear()
+    mllm.score(IMAGE, STATEMENTS)
+    before = mllm.stats.copy()
+    assert mllm.reason(IMAGE, STATEMENTS[:3]) == expected  # greedy: the same tokens
+    used = mllm.stats - before
+    # Both turns start from the image's cached prefix: no vision encoding, fewer prompt tokens than fresh.
+    assert used.vision_encodings == 0 and used.prefix_hits == 2
+    assert mllm.reason(IMAGE, STATEMENTS[1:2]) == expected[1:2]
+    fresh_before = fresh.stats.copy()
+    fresh.reason(IMAGE, STATEMENTS[:3])
+    assert used.tokens_processed < (fresh.stats - fresh_before).tokens_processed
+
+
+def test_scoring_after_reasoning_cuts_the_cached_prefix_back_to_the_image(mllm):
+    fresh = HFVisionLanguageModel(
+        mllm.model, mllm.processor, "fresh", mllm.fingerprint, mllm.max_new_tokens, prefix_cache_size=0
+    )
+    mllm._prefixes.clear()
+    mllm.reason(OTHER_IMAGE, STATEMENTS[:1])  # caches the reasoning prefix only
+    before = mllm.stats.copy()
+    scores = mllm.score(OTHER_IMAGE, STATEMENTS)  # the image's KV reused, the yes/no opening run on top
+    np.testing.assert_allclose(scores, fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5, rtol=0)
+    used = mllm.stats - before
+    assert used.vision_encodings == 0 and used.prefix_hits == 1

@@ -20,8 +20,11 @@ class MLLMStats:
     """Work counters a backend may keep (attribute `stats`), read by benchmarks as differences."""
 
     forward_passes: int = 0
-    tokens_processed: int = 0  # every position run through the decoder for scoring, padding included
+    tokens_processed: int = 0  # every prompt position run through the decoder (scoring, reasoning), padding included
     tokens_generated: int = 0  # reasoning output tokens
+    prefix_prefills: int = 0  # prompt prefixes prefilled from scratch (not found in a prefix cache)
+    vision_encodings: int = 0  # of those, the ones with an image: the image through the vision tower
+    prefix_hits: int = 0  # calls that started from a cached prefix (as is, or cut back and extended)
 
     def copy(self) -> MLLMStats:
         return MLLMStats(**{f.name: getattr(self, f.name) for f in fields(self)})
