@@ -517,7 +517,11 @@ class ServeSettings(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(8002, ge=0, le=65535)
     mllm_instances: int = Field(1, ge=1)
-    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
+    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage")
+    judge_batch: int = Field(4, ge=1, description="requests each safety_judge instance judges at once (one thread each)")
+    judge_batch_delay_us: int = Field(
+        500, ge=0, description="how long the safety_judge batcher waits for more requests to judge together"
+    )
     max_mllm_batch: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
     limits: RequestLimits = Field(default_factory=RequestLimits)
@@ -564,6 +568,8 @@ class ServeSettings(BaseModel):
             "judge_settings": pbtxt_string(judge.model_dump_json()),
             "mllm_instances": str(self.mllm_instances),
             "judge_instances": str(self.judge_instances),
+            "judge_batch": str(self.judge_batch),
+            "judge_batch_delay_us": str(self.judge_batch_delay_us),
             "max_mllm_batch": str(self.max_mllm_batch),
             "max_queue": str(self.max_queue),
             "queue_timeout_us": str(int(self.limits.request_timeout_s * 1e6)),
