@@ -523,6 +523,9 @@ class ServeSettings(BaseModel):
         500, ge=0, description="how long the safety_judge batcher waits for more requests to judge together"
     )
     max_mllm_batch: int = Field(8, ge=1)
+    mllm_batch_delay_us: int = Field(
+        2000, ge=0, description="how long the mllm batcher waits for more requests to score together"
+    )
     max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
     limits: RequestLimits = Field(default_factory=RequestLimits)
     tls_cert: FilePath | None = None
@@ -571,6 +574,7 @@ class ServeSettings(BaseModel):
             "judge_batch": str(self.judge_batch),
             "judge_batch_delay_us": str(self.judge_batch_delay_us),
             "max_mllm_batch": str(self.max_mllm_batch),
+            "mllm_batch_delay_us": str(self.mllm_batch_delay_us),
             "max_queue": str(self.max_queue),
             "queue_timeout_us": str(int(self.limits.request_timeout_s * 1e6)),
         }
