@@ -231,8 +231,7 @@ def serve(
     dtype: str = DTYPE_OPTION,
     constitutions: Path = CONSTITUTIONS_OPTION,
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
-    judge_instances: int = typer.Option(1, help="safety_judge stage instances"),
-    judge_batch: int = typer.Option(4, help="requests each safety_judge instance judges at once (one thread each)"),
+    judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
     request_timeout: float = typer.Option(
         60.0, help="seconds a request may take when its client sets no deadline (then UNAVAILABLE)"
@@ -276,7 +275,6 @@ def serve(
             metrics_port=metrics_port,
             mllm_instances=mllm_instances,
             judge_instances=judge_instances,
-            judge_batch=judge_batch,
             max_queue=max_queue,
             limits=RequestLimits(
                 image=ImageLimits(

@@ -20,7 +20,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -141,16 +140,6 @@ def answer_each(items: Sequence[T], handle: Callable[[T], object], stage: str) -
             logger.error("%s stage: internal error:\n%s", stage, traceback.format_exc())
             answers.append(Fault(FaultCode.INTERNAL, f"internal error in the {stage} stage: {type(exc).__name__}: {exc}"))
     return answers
-
-
-def answer_concurrently(
-    items: Sequence[T], handle: Callable[[T], object], stage: str, executor: Executor
-) -> list[object | Fault]:
-    """answer_each with the requests handled at the same time, one executor thread each (the judge stage: their
-    MLLM calls then reach the mllm stage together and are batched); a lone request runs in the caller."""
-    if len(items) < 2:
-        return answer_each(items, handle, stage)
-    return list(executor.map(lambda item: answer_each([item], handle, stage)[0], items))
 
 
 @dataclass(frozen=True)

@@ -517,11 +517,7 @@ class ServeSettings(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(8002, ge=0, le=65535)
     mllm_instances: int = Field(1, ge=1)
-    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage")
-    judge_batch: int = Field(4, ge=1, description="requests each safety_judge instance judges at once (one thread each)")
-    judge_batch_delay_us: int = Field(
-        500, ge=0, description="how long the safety_judge batcher waits for more requests to judge together"
-    )
+    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
     max_mllm_batch: int = Field(8, ge=1)
     mllm_batch_delay_us: int = Field(
         2000, ge=0, description="how long the mllm batcher waits for more requests to score together"
@@ -571,8 +567,6 @@ class ServeSettings(BaseModel):
             "judge_settings": pbtxt_string(judge.model_dump_json()),
             "mllm_instances": str(self.mllm_instances),
             "judge_instances": str(self.judge_instances),
-            "judge_batch": str(self.judge_batch),
-            "judge_batch_delay_us": str(self.judge_batch_delay_us),
             "max_mllm_batch": str(self.max_mllm_batch),
             "mllm_batch_delay_us": str(self.mllm_batch_delay_us),
             "max_queue": str(self.max_queue),

@@ -5,7 +5,7 @@ the same images in this process (judge_frames, same models and threads) for the 
 concurrency 1.
 
     PYTHONPATH=.:client python scripts/serving_batches.py                       # tiny:qwen2-vl, 1,2,4,8
-    PYTHONPATH=.:client python scripts/serving_batches.py --judge-batch 1 --companions none
+    PYTHONPATH=.:client python scripts/serving_batches.py --judge-instances 1 --companions none --concurrency 1
 
 The server's stages import this checkout's code (PYTHONPATH is set for them). Timings on a shared machine
 are indicative only.
@@ -140,10 +140,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the level)")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--judge-batch", type=int, default=4)
-    parser.add_argument("--judge-instances", type=int, default=1)
+    parser.add_argument("--judge-instances", type=int, default=4,
+                        help="safety_judge stubs: requests judged at once, whose MLLM calls can then meet")
     defaults = ServeSettings.model_fields
-    parser.add_argument("--judge-batch-delay-us", type=int, default=defaults["judge_batch_delay_us"].default)
     parser.add_argument("--mllm-batch-delay-us", type=int, default=defaults["mllm_batch_delay_us"].default)
     parser.add_argument("--mllm-instances", type=int, default=1)
     parser.add_argument("--constitution", type=Path, default=ROOT / "constitutions" / "os-bench.yaml")
@@ -161,8 +160,7 @@ def main() -> None:
         settings = ServeSettings(
             models=spec, constitutions=constitutions, cache_dir=Path(directory, "compiled"),
             grpc_port=0, http_port=0, metrics_port=0, mllm_instances=args.mllm_instances,
-            judge_instances=args.judge_instances, judge_batch=args.judge_batch,
-            judge_batch_delay_us=args.judge_batch_delay_us, mllm_batch_delay_us=args.mllm_batch_delay_us,
+            judge_instances=args.judge_instances, mllm_batch_delay_us=args.mllm_batch_delay_us,
         )
         reference = None
         if not args.no_in_process:
@@ -172,12 +170,16 @@ def main() -> None:
             print(json.dumps({"in_process_p50_ms": reference}), flush=True)
         with settings.server() as server:
             name = args.constitution.stem
-            rows = asyncio.run(drive(server.url, data, name, levels, args.requests))
-    print(f"\n{args.mllm}, companions {args.companions}, judge batch {args.judge_batch} x {args.judge_instances} "
-          f"instance(s) (delay {args.judge_batch_delay_us} us), {args.mllm_instances} mllm instance(s) (delay "
-          f"{args.mllm_batch_delay_us} us), {args.size}px, options {json.dumps(OPTIONS)}")
+            try:
+                rows = asyncio.run(drive(server.url, data, name, levels, args.requests))
+            except Exception:
+                print(f"server log, last lines:\n{server.log_tail(60)}", flush=True)
+                raise
+    print(f"\n{args.mllm}, companions {args.companions}, {args.judge_instances} safety_judge instance(s), "
+          f"{args.mllm_instances} mllm instance(s) (batch delay {args.mllm_batch_delay_us} us), {args.size}px, "
+          f"options {json.dumps(OPTIONS)}")
     print("| concurrency | requests | verdicts/s | p50 ms | p95 ms | mllm executions/request | "
-          "safety_judge executions/request |")
+      "safety_judge executions/request |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['concurrency']} | {row['requests']} | {row['verdicts_per_s']:.1f} | {row['p50_ms']:.0f} | "

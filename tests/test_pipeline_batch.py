@@ -1,18 +1,16 @@
 """Batches that merge, without Triton: the mllm stage answers a dynamic batch's score requests in one model
-call and keeps every fault with its request; the judge stage handles a batch's requests concurrently."""
+call and keeps every fault with its request."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from safejudge.backends.base import UnsupportedQuestion, score_batch
-from safejudge.pipeline import Fault, FaultCode, InvalidRequest, MLLMStage, answer_concurrently
+from safejudge.pipeline import Fault, FaultCode, InvalidRequest, MLLMStage
 
 
 class CountingMLLM:
@@ -139,26 +137,3 @@ def test_score_batch_loops_score_for_a_backend_without_one_and_checks_shapes():
 
     with pytest.raises(RuntimeError, match="shapes"):
         score_batch(Short(), [(image, ["a", "bb"])])
-
-
-def test_the_judge_stage_handles_a_batch_concurrently_and_keeps_each_fault():
-    """Every request of the batch runs at the same time (the barrier passes only if all are in flight at
-    once); a failing request fails alone."""
-    batch = ["a", "bad", "b", "c"]
-    barrier = threading.Barrier(len(batch), timeout=5)
-    threads = set()
-
-    def handle(item):
-        barrier.wait()
-        threads.add(threading.get_ident())
-        if item == "bad":
-            raise InvalidRequest("bad image")
-        return item.upper()
-
-    with ThreadPoolExecutor(len(batch)) as pool:
-        answers = answer_concurrently(batch, handle, "safety_judge", pool)
-        assert answer_concurrently(["z"], lambda item: threading.get_ident(), "safety_judge", pool) == [
-            threading.get_ident()
-        ], "a lone request runs in the caller's thread"
-    assert answers == ["A", Fault(FaultCode.INVALID_ARGUMENT, "bad image"), "B", "C"]
-    assert len(threads) == len(batch)

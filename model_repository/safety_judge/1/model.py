@@ -4,10 +4,8 @@ The judge reaches the `mllm` model over BLS, through the MLLM interface the eval
 """
 
 import functools
-import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,7 +17,7 @@ from safejudge.pipeline import (
     Fault,
     JudgeStage,
     JudgeStageSettings,
-    answer_concurrently,
+    answer_each,
     fault_from_bls,
     read_pipeline_key,
     stage_parameters,
@@ -95,19 +93,9 @@ class TritonPythonModel:
         self.mllm = MLLMOverBLS(read_pipeline_key(parameters["pipeline_key_file"]))
         settings = JudgeStageSettings.model_validate_json(parameters["settings"])
         self.stage = JudgeStage(settings, self.mllm, triton_metrics())
-        # A dynamic batch is judged concurrently, one thread per request, each with its own deadline: their
-        # BLS calls then meet in the mllm stage's batcher.
-        batch = max(1, json.loads(args["model_config"]).get("max_batch_size", 1))
-        self.pool = ThreadPoolExecutor(batch, thread_name_prefix="safety_judge")
 
     def execute(self, requests):
-        return [
-            self._response(answer)
-            for answer in answer_concurrently(requests, self._judge, "safety_judge", self.pool)
-        ]
-
-    def finalize(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        return [self._response(answer) for answer in answer_each(requests, self._judge, "safety_judge")]
 
     def _judge(self, request):
         options = pb_utils.get_input_tensor_by_name(request, "OPTIONS")
