@@ -84,9 +84,11 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
 
     async with grpcclient.InferenceServerClient(url) as client:
 
-        async def counts(model: str) -> tuple[int, int]:
+        async def counts(model: str) -> tuple[int, int, int]:
+            """Requests, executions, and nanoseconds requests spent waiting in the model's queue."""
             stats = (await client.get_inference_statistics(model, as_json=True))["model_stats"][0]
-            return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+            queue_ns = int(stats["inference_stats"]["queue"].get("ns", 0))
+            return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), queue_ns
 
         async def judge(index: int) -> float:
             started = time.perf_counter()
@@ -121,6 +123,7 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
                 "mllm_requests": after["mllm"][0] - before["mllm"][0],
                 "mllm_executions_per_request": ratio["mllm"],
                 "judge_executions_per_request": ratio["safety_judge"],
+                "mllm_queue_ms_per_verdict": (after["mllm"][2] - before["mllm"][2]) / 1e6 / len(latencies),
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -184,7 +187,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['concurrency']} | {row['requests']} | {row['verdicts_per_s']:.1f} | {row['p50_ms']:.0f} | "
               f"{row['p95_ms']:.0f} | {row['mllm_executions_per_request']:.2f} | "
-              f"{row['judge_executions_per_request']:.2f} |")
+              f"{row['judge_executions_per_request']:.2f} | {row['mllm_queue_ms_per_verdict']:.1f} |")
     if reference is not None and rows and rows[0]["concurrency"] == 1:
         print(f"\nserved p50 at concurrency 1: {rows[0]['p50_ms']:.1f} ms; in process {reference:.1f} ms "
               f"(overhead {rows[0]['p50_ms'] - reference:+.1f} ms)")
