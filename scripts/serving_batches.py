@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0
 
 
-def in_process_p50(spec, data: list[bytes], constitution: Path, rounds: int) -> float:
-    """judge_frames in this process on the decoded images, as the safety_judge stage calls it (ms)."""
+def in_process_judge(spec, data: list[bytes], constitution: Path) -> Callable[[int], float]:
+    """judge(index) -> seconds: judge_frames in this process on the decoded image, as the safety_judge stage
+    calls it, with the same models."""
     from safejudge.backends.registry import load_models
     from safejudge.compiled import compile_constitution
     from safejudge.constitution import load_constitution
@@ -63,16 +65,20 @@ def in_process_p50(spec, data: list[bytes], constitution: Path, rounds: int) -> 
     compiled = compile_constitution(load_constitution(constitution), models)
     options = parse_options(json.dumps(OPTIONS).encode(), RequestLimits())
     frames = [decode_image(d).frames for d in data]
-    judge_frames(frames[0], compiled, models, options)  # warm-up
-    latencies = []
-    for index in range(rounds):
+
+    def judge(index: int) -> float:
         started = time.perf_counter()
         judge_frames(frames[index % len(frames)], compiled, models, options)
-        latencies.append(time.perf_counter() - started)
-    return percentile(latencies, 50)
+        return time.perf_counter() - started
+
+    judge(0)  # warm-up
+    return judge
 
 
-async def drive(url: str, data: list[bytes], constitution: str, levels: list[int], requests: int) -> list[dict]:
+async def drive(url: str, data: list[bytes], constitution: str, levels: list[int], requests: int,
+                reference: Callable[[int], float] | None = None) -> list[dict]:
+    """One row per level; at concurrency 1 each served request is followed by the same image judged by
+    reference (in process), so that both see the same machine load."""
     import tritonclient.grpc.aio as grpcclient
 
     def tensor(name: str, value: bytes):
@@ -104,14 +110,17 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
             before = {model: await counts(model) for model in ("mllm", "safety_judge")}
             queue = iter(range(max(requests, level)))
             latencies: list[float] = []
+            in_process: list[float] = []
 
             async def worker() -> None:
                 for index in queue:
                     latencies.append(await judge(index))
+                    if level == 1 and reference is not None:
+                        in_process.append(reference(index))
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(level)))
-            wall = time.perf_counter() - started
+            wall = time.perf_counter() - started - sum(in_process)
             after = {model: await counts(model) for model in ("mllm", "safety_judge")}
             ratio = {
                 model: (after[model][1] - before[model][1]) / max(1, after[model][0] - before[model][0])
@@ -125,6 +134,8 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
                 "judge_executions_per_request": ratio["safety_judge"],
                 "mllm_queue_ms_per_verdict": (after["mllm"][2] - before["mllm"][2]) / 1e6 / len(latencies),
             })
+            if in_process:
+                rows[-1]["in_process_p50_ms"] = percentile(in_process, 50)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -165,16 +176,13 @@ def main() -> None:
             grpc_port=0, http_port=0, metrics_port=0, mllm_instances=args.mllm_instances,
             judge_instances=args.judge_instances, mllm_batch_delay_us=args.mllm_batch_delay_us,
         )
-        reference = None
-        if not args.no_in_process:
-            # The served MLLM's thread count, so that both paths get the same compute.
-            reference = in_process_p50(spec.model_copy(update={"threads": settings.threads_per_mllm()}), data,
-                                       args.constitution, max(args.requests, 16))
-            print(json.dumps({"in_process_p50_ms": reference}), flush=True)
+        # The served MLLM's thread count, so that both paths get the same compute.
+        reference = None if args.no_in_process else in_process_judge(
+            spec.model_copy(update={"threads": settings.threads_per_mllm()}), data, args.constitution)
         with settings.server() as server:
             name = args.constitution.stem
             try:
-                rows = asyncio.run(drive(server.url, data, name, levels, args.requests))
+                rows = asyncio.run(drive(server.url, data, name, levels, args.requests, reference))
             except Exception:
                 print(f"server log, last lines:\n{server.log_tail(60)}", flush=True)
                 raise
@@ -182,15 +190,15 @@ def main() -> None:
           f"{args.mllm_instances} mllm instance(s) (batch delay {args.mllm_batch_delay_us} us), {args.size}px, "
           f"options {json.dumps(OPTIONS)}")
     print("| concurrency | requests | verdicts/s | p50 ms | p95 ms | mllm executions/request | "
-      "safety_judge executions/request |")
-    print("|---|---|---|---|---|---|---|")
+          "safety_judge executions/request | mllm queue ms/verdict |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['concurrency']} | {row['requests']} | {row['verdicts_per_s']:.1f} | {row['p50_ms']:.0f} | "
               f"{row['p95_ms']:.0f} | {row['mllm_executions_per_request']:.2f} | "
               f"{row['judge_executions_per_request']:.2f} | {row['mllm_queue_ms_per_verdict']:.1f} |")
-    if reference is not None and rows and rows[0]["concurrency"] == 1:
-        print(f"\nserved p50 at concurrency 1: {rows[0]['p50_ms']:.1f} ms; in process {reference:.1f} ms "
-              f"(overhead {rows[0]['p50_ms'] - reference:+.1f} ms)")
+        if "in_process_p50_ms" in row:
+            print(f"\nserved p50 at concurrency 1: {row['p50_ms']:.1f} ms; in process, interleaved: "
+                  f"{row['in_process_p50_ms']:.1f} ms (overhead {row['p50_ms'] - row['in_process_p50_ms']:+.1f} ms)\n")
     print(f"load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())} (indicative: shared machine)")
 
 
