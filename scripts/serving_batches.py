@@ -196,9 +196,10 @@ def main() -> None:
         print(f"| {row['concurrency']} | {row['requests']} | {row['verdicts_per_s']:.1f} | {row['p50_ms']:.0f} | "
               f"{row['p95_ms']:.0f} | {row['mllm_executions_per_request']:.2f} | "
               f"{row['judge_executions_per_request']:.2f} | {row['mllm_queue_ms_per_verdict']:.1f} |")
+    for row in rows:
         if "in_process_p50_ms" in row:
             print(f"\nserved p50 at concurrency 1: {row['p50_ms']:.1f} ms; in process, interleaved: "
-                  f"{row['in_process_p50_ms']:.1f} ms (overhead {row['p50_ms'] - row['in_process_p50_ms']:+.1f} ms)\n")
+                  f"{row['in_process_p50_ms']:.1f} ms (overhead {row['p50_ms'] - row['in_process_p50_ms']:+.1f} ms)")
     print(f"load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())} (indicative: shared machine)")
 
 
