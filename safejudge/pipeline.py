@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
+from safejudge.backends.base import MLLM, Models, UnsupportedQuestion, score_batch
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance  # noqa: F401 (ModelSpec: model.py)
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, ImageLimits, decode_image
@@ -241,31 +241,76 @@ def _text(value: bytes, name: str) -> str:
         raise InvalidRequest(f"{name} is not UTF-8 text: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class MLLMRequest:
+    """One validated request to the mllm stage."""
+
+    mode: str
+    image: Image.Image | None = None
+    questions: tuple[str, ...] = ()
+
+
 class MLLMStage:
     """The `mllm` model: answers yes/no questions (score), reasons (reason) about one image or none, or
-    names the loaded model (id: ANSWERS = [model_id, fingerprint], which the judge reports and keys caches by)."""
+    names the loaded model (id: ANSWERS = [model_id, fingerprint], which the judge reports and keys caches by).
 
-    def __init__(self, spec: ModelSpec):
-        self.mllm = load_mllm(spec)
+    A dynamic batch is answered by `answer`: every request is read and validated on its own, and the score
+    requests of the batch go to the model in one merged call (`backends.base.score_batch`)."""
 
-    def run(self, pixels: np.ndarray | None, questions: Sequence[bytes], mode: bytes) -> tuple[np.ndarray, list[str]]:
+    def __init__(self, mllm: MLLM):
+        self.mllm = mllm
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> MLLMStage:
+        return cls(load_mllm(spec))
+
+    @staticmethod
+    def parse(pixels: np.ndarray | None, questions: Sequence[bytes], mode: bytes) -> MLLMRequest:
+        """A request's tensors, validated (InvalidRequest names what is wrong)."""
         mode_text = _text(mode, "MODE")
         if mode_text not in MODES:
             raise InvalidRequest(f"MODE must be one of {', '.join(MODES)}, got {mode_text!r}")
         if mode_text == "id":
-            return np.zeros(0, dtype=np.float32), [self.mllm.model_id, getattr(self.mllm, "fingerprint", "")]
-        texts = [_text(q, "QUESTIONS") for q in questions]
-        if not texts:
-            return np.zeros(0, dtype=np.float32), []
+            return MLLMRequest(mode_text)
+        texts = tuple(_text(q, "QUESTIONS") for q in questions)
         image = None if pixels is None else pixels_image(pixels)
-        if mode_text == "reason" and image is None:
+        if mode_text == "reason" and image is None and texts:
             raise InvalidRequest("MODE reason needs PIXELS")
+        return MLLMRequest(mode_text, image, texts)
+
+    def run(self, request: MLLMRequest) -> tuple[np.ndarray, list[str]]:
+        """The answer to one request: (SCORES, ANSWERS)."""
+        if request.mode == "id":
+            return np.zeros(0, dtype=np.float32), [self.mllm.model_id, getattr(self.mllm, "fingerprint", "")]
+        if not request.questions:
+            return np.zeros(0, dtype=np.float32), []
         try:
-            if mode_text == "score":
-                return np.asarray(self.mllm.score(image, texts), dtype=np.float32), []
-            return np.zeros(0, dtype=np.float32), list(self.mllm.reason(image, texts))
+            if request.mode == "score":
+                return np.asarray(self.mllm.score(request.image, list(request.questions)), dtype=np.float32), []
+            return np.zeros(0, dtype=np.float32), list(self.mllm.reason(request.image, list(request.questions)))
         except UnsupportedQuestion as exc:
             raise InvalidRequest(f"the model {self.mllm.model_id} cannot answer this: {exc}") from exc
+
+    def answer(self, requests: Sequence[T], read: Callable[[T], MLLMRequest]) -> list[object | Fault]:
+        """The answer or fault of every request of a batch; read(request) -> its MLLMRequest (or a fault).
+
+        Score requests with questions are merged into one model call when there are several; if that call
+        fails, each of them is answered on its own, so a request that breaks the merged call fails alone."""
+        answers = answer_each(requests, read, "mllm")
+        merged = [i for i, a in enumerate(answers) if isinstance(a, MLLMRequest) and a.mode == "score" and a.questions]
+        if len(merged) > 1:
+            try:
+                scores = score_batch(self.mllm, [(answers[i].image, list(answers[i].questions)) for i in merged])
+            except Exception:  # noqa: BLE001 - answered one by one below, where each fault stays with its request
+                logger.warning("mllm stage: the merged score call for %d requests failed; answering each on its "
+                               "own:\n%s", len(merged), traceback.format_exc())
+            else:
+                for i, values in zip(merged, scores, strict=True):
+                    answers[i] = (np.asarray(values, dtype=np.float32), [])
+        pending = [i for i, a in enumerate(answers) if isinstance(a, MLLMRequest)]
+        for i, answer in zip(pending, answer_each([answers[i] for i in pending], self.run, "mllm"), strict=True):
+            answers[i] = answer
+        return answers
 
 
 class JudgeStageSettings(BaseModel):

@@ -519,6 +519,9 @@ class ServeSettings(BaseModel):
     mllm_instances: int = Field(1, ge=1)
     judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
     max_mllm_batch: int = Field(8, ge=1)
+    mllm_batch_delay_us: int = Field(
+        2000, ge=0, description="how long the mllm batcher waits for more requests to score together"
+    )
     max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
     limits: RequestLimits = Field(default_factory=RequestLimits)
     tls_cert: FilePath | None = None
@@ -565,6 +568,7 @@ class ServeSettings(BaseModel):
             "mllm_instances": str(self.mllm_instances),
             "judge_instances": str(self.judge_instances),
             "max_mllm_batch": str(self.max_mllm_batch),
+            "mllm_batch_delay_us": str(self.mllm_batch_delay_us),
             "max_queue": str(self.max_queue),
             "queue_timeout_us": str(int(self.limits.request_timeout_s * 1e6)),
         }

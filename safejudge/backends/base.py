@@ -45,6 +45,11 @@ class MLLM(Protocol):
 
         image None asks the questions with no image tokens at all (the language prior M(None, c)).
         Implementations encode the image once and share it across the questions.
+
+        A backend may also offer `score_batch(items) -> list[np.ndarray]`: `score` for several images (or
+        none) with their questions at once, one array per item, in order (optional, not part of this
+        protocol: evaluators only call `score`; the served `mllm` stage calls it through `score_batch`
+        below to merge a dynamic batch).
         """
         ...
 
@@ -55,6 +60,19 @@ class MLLM(Protocol):
         summarise as JSON. Questions are independent; implementations may batch them.
         """
         ...
+
+
+def score_batch(mllm: MLLM, items: Sequence[tuple[Image.Image | None, Sequence[str]]]) -> list[np.ndarray]:
+    """mllm.score for each (image, questions) item: in one merged call when the backend has `score_batch`,
+    otherwise one `score` call per item."""
+    merged = getattr(mllm, "score_batch", None)
+    if merged is None:
+        return [mllm.score(image, questions) for image, questions in items]
+    scores = list(merged(items))
+    shapes = [np.shape(s) for s in scores]
+    if shapes != [(len(questions),) for _, questions in items]:
+        raise RuntimeError(f"score_batch returned scores of shapes {shapes} for {[len(q) for _, q in items]} questions")
+    return scores
 
 
 @runtime_checkable

@@ -8,7 +8,6 @@ from safejudge.pipeline import (
     Fault,
     MLLMStage,
     ModelSpec,
-    answer_each,
     check_pipeline_key,
     read_pipeline_key,
     stage_parameters,
@@ -19,18 +18,18 @@ from safejudge.pipeline import (
 class TritonPythonModel:
     def initialize(self, args):
         parameters = stage_parameters(args["model_config"])
-        self.stage = MLLMStage(ModelSpec.model_validate_json(parameters["model_spec"]))
+        self.stage = MLLMStage.load(ModelSpec.model_validate_json(parameters["model_spec"]))
         self.key = read_pipeline_key(parameters["pipeline_key_file"])
 
     def execute(self, requests):
         # Dynamic batching hands over several requests; each asks about its own image (or none) and gets
-        # its own answer or error.
-        return [self._response(answer) for answer in answer_each(requests, self._run, "mllm")]
+        # its own answer or error. Their score questions run in one merged model call (MLLMStage.answer).
+        return [self._response(answer) for answer in self.stage.answer(requests, self._read)]
 
-    def _run(self, request):
+    def _read(self, request):
         check_pipeline_key(request.parameters(), self.key)
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
-        return self.stage.run(
+        return self.stage.parse(
             None if pixels is None else pixels.as_numpy()[0],
             list(pb_utils.get_input_tensor_by_name(request, "QUESTIONS").as_numpy()[0]),
             pb_utils.get_input_tensor_by_name(request, "MODE").as_numpy()[0, 0],
