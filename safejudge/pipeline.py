@@ -252,7 +252,8 @@ class MLLMRequest:
 
 class MLLMStage:
     """The `mllm` model: answers yes/no questions (score), reasons (reason) about one image or none, or
-    names the loaded model (id: ANSWERS = [model_id, fingerprint], which the judge reports and keys caches by).
+    names the loaded model (id: ANSWERS = [model_id, fingerprint, preferred schedule]: the judge reports the
+    id, keys compiled constitutions by id and fingerprint, and follows the backend's schedule).
 
     A dynamic batch is answered by `answer`: every request is read and validated on its own, and the score
     requests of the batch go to the model in one merged call (`backends.base.score_batch`)."""
@@ -281,7 +282,9 @@ class MLLMStage:
     def run(self, request: MLLMRequest) -> tuple[np.ndarray, list[str]]:
         """The answer to one request: (SCORES, ANSWERS)."""
         if request.mode == "id":
-            return np.zeros(0, dtype=np.float32), [self.mllm.model_id, getattr(self.mllm, "fingerprint", "")]
+            identity = [self.mllm.model_id, getattr(self.mllm, "fingerprint", ""),
+                        getattr(self.mllm, "preferred_schedule", None) or ""]
+            return np.zeros(0, dtype=np.float32), identity
         if not request.questions:
             return np.zeros(0, dtype=np.float32), []
         try:

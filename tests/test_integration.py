@@ -135,13 +135,11 @@ def served_and_reference(triton_server, tiny_models, compiled_constitutions):
             # The served defaults (e.g. the reasoning budget per image) apply to the reference too.
             parsed = parse_options(json.dumps(options).encode() if options else None, RequestLimits())
             image = decode_image(data).frames[0]
-            # The served judge sees the MLLM through its stage (MLLMOverBLS), which states no preferred
-            # schedule: it asks "all" unless told; the in-process backend would prefer "waves".
-            as_served = parsed.model_copy(update={"schedule": parsed.schedule or "all"})
+            # The served judge takes the mllm backend's preferred schedule, as the in-process engine does.
             results[(name, image_name, options_name)] = (
                 served,
                 judge_sequential(image, compiled, tiny_models, parsed),
-                judge_batched(image, compiled, tiny_models, as_served),
+                judge_batched(image, compiled, tiny_models, parsed),
             )
     return results
 

@@ -76,7 +76,7 @@ def test_a_lone_request_and_other_modes_are_answered_on_their_own():
     mllm = CountingMLLM()
     answers = answer(MLLMStage(mllm), [request(["a"]), request(["b"], "reason"), request([], "id"), request([])])
     assert mllm.batch_calls == [] and mllm.score_calls == 1
-    assert answers[1][1] == ['{"rating": "No"}'] and answers[2][1] == ["counting", "sha256:counting"]
+    assert answers[1][1] == ['{"rating": "No"}'] and answers[2][1] == ["counting", "sha256:counting", ""]
     assert answers[3][0].size == 0
 
 

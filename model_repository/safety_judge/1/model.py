@@ -47,6 +47,11 @@ class MLLMOverBLS:
     def fingerprint(self):
         return self._identity[1]
 
+    @property
+    def preferred_schedule(self):
+        """The mllm backend's own (e.g. "waves" for Hugging Face models: its prefix cache spans the waves)."""
+        return self._identity[2] or None
+
     def _ask(self, image, questions, mode, output):
         deadline, timeout_us = getattr(self.local, "deadline", None), 0
         if deadline is not None:
