@@ -301,6 +301,22 @@ class Run:
     order: list[int] = field(default_factory=list)  # served runs: which image each verdict is for
     asked: list[list[str]] = field(default_factory=list)  # planned runs: questions asked with each image
 
+    def judge(self, judge: Callable[..., Verdict], image: Image.Image, compiled: CompiledConstitution,
+              models: Models, options: JudgeOptions) -> None:
+        """Judge one image, timed; record its verdict, the MLLM's work and (planned) the questions asked."""
+        mllm = models.mllm
+        before = mllm.stats.copy() if hasattr(mllm, "stats") else None
+        t = time.perf_counter()
+        verdict = judge(image, compiled, models, options)
+        latency = time.perf_counter() - t
+        self.latencies_s.append(latency)
+        self.wall_s += latency  # judging only: bookkeeping is not the evaluator's cost
+        self.verdicts.append(verdict)
+        if before is not None:
+            self.work.append(mllm.stats - before)
+        if isinstance(mllm, PlannedMLLM):
+            self.asked.append(list(mllm.asked[id(image)]))
+
     @property
     def images_per_s(self) -> float:
         return len(self.latencies_s) / self.wall_s if self.wall_s else float("nan")
@@ -383,21 +399,10 @@ def run_in_process(
     options: JudgeOptions,
 ) -> Run:
     run = Run(name)
-    mllm = models.mllm
-    counted = hasattr(mllm, "stats")
     for image in images:
-        before = mllm.stats.copy() if counted else None
-        t = time.perf_counter()
-        verdict = judge(image, compiled, models, options)
-        run.latencies_s.append(time.perf_counter() - t)
-        run.verdicts.append(verdict)
-        if counted:
-            run.work.append(mllm.stats - before)
-        if isinstance(mllm, PlannedMLLM):
-            run.asked.append(list(mllm.asked[id(image)]))
-    run.wall_s = sum(run.latencies_s)  # judging only: the bookkeeping below is not the evaluator's cost
-    if counted and hasattr(mllm, "minimum_tokens"):
-        run.minimum_tokens = [mllm.minimum_tokens(image, _statements_judged(verdict, compiled))
+        run.judge(judge, image, compiled, models, options)
+    if hasattr(models.mllm, "stats") and hasattr(models.mllm, "minimum_tokens"):
+        run.minimum_tokens = [models.mllm.minimum_tokens(image, _statements_judged(verdict, compiled))
                               for image, verdict in zip(images, run.verdicts, strict=True)]
     return run
 
@@ -526,13 +531,15 @@ def run_regime(
     planned_models = Models(planned, models.relevance, models.detector)
     plans = regime_plans(regime, compiled.rules, len(images), seed)
 
-    def timed(name: str, judge, subset: Sequence[Image.Image], opts: JudgeOptions) -> Run:
-        for image, plan in zip(subset, plans):
+    loop, engines = Run("paper's loop"), [Run(name) for name in engine_options]
+    # Interleaved image by image, so that both paths see the same load on a shared machine.
+    for index, (image, plan) in enumerate(zip(images, plans, strict=True)):
+        if index < loop_images:
             planned.plan(image, plan)
-        return run_in_process(name, judge, subset, compiled, planned_models, opts)
-
-    loop = timed("paper's loop", judge_sequential, images[:loop_images], options)
-    engines = [timed(name, judge_batched, images, opts) for name, opts in engine_options.items()]
+            loop.judge(judge_sequential, image, compiled, planned_models, options)
+        for engine, opts in zip(engines, engine_options.values(), strict=True):
+            planned.plan(image, plan)
+            engine.judge(judge_batched, image, compiled, planned_models, opts)
     minimum = [planned.minimum_tokens(image, list(dict.fromkeys(asked)))
                for image, asked in zip(images, loop.asked)] if hasattr(planned.mllm, "minimum_tokens") else []
     result = RegimeResult(regime, plans, loop, engines, minimum)
@@ -775,11 +782,13 @@ def _report(settings, command, base, batched: Run, regimes: Sequence[RegimeResul
         "",
         *_goal_lines(settings, regimes),
         "",
-        f"Verdicts of the loop and the engine agreed on every image of every regime and followed the plan; every "
-        f"regime judged both safe and unsafe images.\n",
+        "Verdicts of the loop and the engine agreed on every image of every regime and followed the plan; every "
+        "regime judged both safe and unsafe images.\n",
         "### The engine in process (real outcomes) and served\n",
-        "Random weights and fail-closed: every rule holds on every image here, so this agreement is with one verdict "
-        f"only. Served verdicts agreed with in-process ones ({sum(len(r.verdicts) for r in served)} requests).\n",
+        "Random weights, fail-closed, no reasoning: every rule holds on every image here, so agreement is with one "
+        "verdict only; the engine's cost does not depend on the outcomes (it asks every question). "
+        + (f"Served verdicts agreed with in-process ones ({sum(len(r.verdicts) for r in served)} requests).\n"
+           if served else "Not served in this run (--no-served).\n"),
         header,
         "|" + "---|" * (header.count("|") - 1),
         _row(batched),
