@@ -116,9 +116,11 @@ class PlanError(BenchInvalid):
 MIXED_SHARES = {"fail at item 1": 0.4, "fail at item 2": 0.3, "fail later": 0.1, "violated": 0.2}
 
 REGIMES: dict[str, str] = {
-    "worst": "the loop's worst case, today's bench: nothing stops it early. Unsafe images: every rule is violated "
-    "(every item holds, at its last alternative); safe images: every rule fails at its last item (all its "
-    "alternatives fail, the earlier items hold at their last alternative). The loop asks every question.",
+    "worst": "the loop's worst case: nothing stops it early, it asks every alternative of every item of every "
+    "rule. Unsafe images: every rule is violated (every item holds, at its last alternative); safe images: every "
+    "rule fails at its last item (all its alternatives fail, the earlier items hold at their last alternative). "
+    "(The bench before regimes was close to this: fail-closed made every rule hold on every image, each item at "
+    "its first alternative.)",
     "best": "the loop's best case: safe images: every rule fails at its first item; unsafe images: one rule "
     "(seeded) is violated, its items holding at their first alternative, every other rule fails at its first "
     "item that can fail (an item whose statement another rule needs to hold moves it to the next).",
