@@ -135,3 +135,28 @@ def test_bench_command_rejects_bad_numbers_and_regimes_with_one_line():
     assert result.exit_code == 2 and "--concurrency must be comma-separated integers" in result.output
     result = CliRunner().invoke(app, ["bench", "--regimes", "fastest"])
     assert result.exit_code == 2 and "regimes must be some of worst, best, mixed" in result.output
+
+
+def test_planned_mllm_runs_the_real_call_and_replaces_only_image_scores():
+    import numpy as np
+    from PIL import Image
+
+    from safejudge.bench import ImagePlan, PlanError, PlannedMLLM
+
+    class Backend:
+        model_id, fingerprint, calls = "fake", "fake", []
+
+        def score(self, image, questions):
+            self.calls.append((image is not None, list(questions)))
+            return np.full(len(questions), 0.5)
+
+    backend, thresholds = Backend(), Thresholds()
+    planned = PlannedMLLM(backend, {"a": 0.4, "b": 0.4}, thresholds)
+    image = Image.new("RGB", (8, 8))
+    planned.plan(image, ImagePlan({"a": True, "b": False}, unsafe_target=True))
+    scores = planned.score(image, ["a", "b"])
+    assert [quick_decision(s, 0.4, thresholds).outcome for s in scores] == [Outcome.SATISFIED, Outcome.FAILED]
+    assert list(planned.score(None, ["a"])) == [0.5]  # priors pass through
+    assert backend.calls == [(True, ["a", "b"]), (False, ["a"])] and planned.asked[id(image)] == ["a", "b"]
+    with pytest.raises(PlanError, match="an image without a plan"):
+        planned.score(Image.new("RGB", (8, 8)), ["a"])
