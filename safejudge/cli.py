@@ -899,14 +899,22 @@ def bench_command(
     sizes: str = typer.Option("224,448,896", help="image sides for the growth curve"),
     served: bool = typer.Option(True, help="also measure the engine served through Triton"),
     mllm_instances: int = typer.Option(1, help="MLLM stage instances on the server"),
+    regimes: str = typer.Option(
+        "worst,best,mixed", help="outcome plans for the loop-vs-engine comparison (safejudge/bench.py REGIMES)"
+    ),
+    seed: int = typer.Option(0, help="seed of the outcome plans"),
+    schedules: str = typer.Option(
+        "", help="engine schedules to run in each regime, e.g. all,waves (default: the engine's default only)"
+    ),
     results: Path = typer.Option(Path("benchmarks/RESULTS.md"), help="Markdown file the report is appended to"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the per-regime figures as JSON"),
 ) -> None:
-    """Sequential reference vs engine in process vs engine served, same model and images; fails on any
-    verdict disagreement."""
+    """The paper's loop vs the engine in process (in best, worst and mixed outcome regimes) vs the engine
+    served, same model and images; fails if the paths disagree or a regime judges every image alike."""
     from pydantic import ValidationError
 
     from safejudge.backends.registry import ModelSpec
-    from safejudge.bench import BenchSettings, VerdictMismatch, run_bench
+    from safejudge.bench import BenchInvalid, BenchSettings, run_bench
 
     def numbers(text: str, name: str) -> list[int]:
         try:
@@ -928,14 +936,18 @@ def bench_command(
             image_sizes=numbers(sizes, "sizes"),
             served=served,
             mllm_instances=mllm_instances,
+            regimes=[part.strip() for part in regimes.split(",") if part.strip()],
+            seed=seed,
+            schedules=[part.strip() for part in schedules.split(",") if part.strip()],
             results=results,
             plots=results.parent,
+            json_out=json_out,
         )
         typer.echo(run_bench(settings, log=lambda line: typer.echo(line, err=True)))
     except (ValidationError, ConstitutionError) as exc:
         fail(str(exc))
-    except VerdictMismatch as exc:
-        fail(f"verdicts disagree, benchmark invalid: {exc}", code=1)
+    except BenchInvalid as exc:
+        fail(f"benchmark invalid ({type(exc).__name__}): {exc}", code=1)
 
 
 @app.command("perf-analyzer")
