@@ -289,6 +289,10 @@ class PlannedMLLM:
     def minimum_tokens(self, image: Image.Image | None, questions: Sequence[str]) -> int:
         return self.mllm.minimum_tokens(image, questions)
 
+    def forget_images(self) -> None:
+        if hasattr(self.mllm, "forget_images"):
+            self.mllm.forget_images()
+
 
 @dataclass
 class Run:
@@ -308,6 +312,10 @@ class Run:
         """Judge one image, timed; record its verdict, the MLLM's work and (planned) the questions asked."""
         mllm = models.mllm
         before = mllm.stats.copy() if hasattr(mllm, "stats") else None
+        # Every judgement starts cold, as a new image does on a server: without this the engine would reuse
+        # the image prefix the loop just prefilled for the same image (or the other way round).
+        if hasattr(mllm, "forget_images"):
+            mllm.forget_images()
         t = time.perf_counter()
         verdict = judge(image, compiled, models, options)
         latency = time.perf_counter() - t

@@ -157,6 +157,11 @@ class HFVisionLanguageModel:
         self._image_token_ids = {i for i in candidates if isinstance(i, int)}
         self._openings: dict[tuple[str, bool], int] = {}
 
+    def forget_images(self) -> None:
+        """Drop every cached image prefix (benchmarks start each judgement cold)."""
+        with self._prefix_lock:
+            self._prefixes.clear()
+
     @classmethod
     def from_pretrained(
         cls,
