@@ -994,3 +994,30 @@ def test_gpu_reasoning_ends_in_a_json_rating(gpu_backend):
     answers = gpu_backend.reason(_solid((220, 20, 20)), ["the image is mostly red", "a dog is visible"])
     assert len(answers) == 2 and all(answers)
     assert all(parse_reasoning(a).parsed for a in answers), answers
+
+
+@pytest.mark.gpu
+def test_gpu_verdicts_agree_with_the_transformers_backend(gpu_backend):
+    """The TensorRT-LLM stage and the transformers backend on the same checkpoint judge a small image set
+    alike. Needs both libraries in one environment: the NGC TensorRT-LLM container pins transformers 4.56,
+    and hf.py needs 5, so this runs where a transformers 5 install sits beside TensorRT-LLM."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"the transformers backend needs transformers>=5 (found {transformers.__version__})")
+    from safejudge.backends.base import Models
+    from safejudge.backends.hf import HFVisionLanguageModel
+    from safejudge.compiled import compile_constitution
+    from safejudge.constitution import load_constitution
+    from safejudge.evaluators import JudgeOptions, judge_batched
+    from safejudge.shipped import CONSTITUTIONS
+
+    reference = HFVisionLanguageModel.from_pretrained(_gpu_model(), dtype="bfloat16", device="cuda")
+    constitution = load_constitution(CONSTITUTIONS / "os-bench.yaml")
+    options = JudgeOptions(relevance_filter=False, max_reasoning_calls=0, schedule="all")
+    images = [_solid((220, 30, 30)), _solid((30, 30, 220)), _solid((250, 250, 250))]
+    judges = [(Models(mllm=backend), compile_constitution(constitution, Models(mllm=backend)))
+              for backend in (gpu_backend, reference)]
+    for image in images:
+        ours, theirs = (judge_batched(image, compiled, models, options) for models, compiled in judges)
+        assert ours.decision() == theirs.decision()
