@@ -530,13 +530,10 @@ def status(
 
     from safejudge.status import server_status
 
-    headers = None
-    if token_file is not None:
-        token = _read_token(token_file)
-        headers = {"triton-grpc-protocol-authorization": f"Bearer {token}"}
+    token = None if token_file is None else _read_token(token_file)
     tls = {"ssl": True, "root_certificates": str(tls_ca)} if tls_ca else {}
     metrics_url = metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
-    found = server_status(url, metrics_url, headers, **tls)
+    found = server_status(url, metrics_url, token, **tls)
     if as_json:
         typer.echo(found.model_dump_json(indent=1))
         raise typer.Exit(0 if found.ready else 1)

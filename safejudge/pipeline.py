@@ -30,7 +30,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from safejudge.backends.base import MLLM, Models, UnsupportedQuestion, score_batch
-from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance  # noqa: F401 (ModelSpec: model.py)
+from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, ImageLimits, decode_image
 from safejudge.metrics import ConstitutionGauge, MetricSink, record_error, record_verdict

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from safejudge.backends.registry import ModelSpec
 from safejudge.pipeline import JudgeStageSettings, RequestLimits
-from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY, PROJECT_ROOT  # noqa: F401 (PROJECT_ROOT: tests)
+from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY
 from safejudge.store import default_cache_dir
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from tritonclient.utils import InferenceServerException
 
 from safejudge.pipeline import JudgeStageSettings
+from safejudge_client.client import BearerToken
 
 MODELS = ("safety_judge", "mllm")
 
@@ -54,8 +55,10 @@ def _constitutions(metrics_url: str) -> list[ConstitutionStatus]:
     return sorted(found, key=lambda c: c.name)
 
 
-def server_status(url: str, metrics_url: str, headers: dict[str, str] | None = None, **tls) -> ServerStatus:
+def server_status(url: str, metrics_url: str, token: str | None = None, **tls) -> ServerStatus:
     with grpcclient.InferenceServerClient(url, **tls) as client:
+        if token is not None:
+            client.register_plugin(BearerToken(token))
         try:
             status = ServerStatus(url=url, live=client.is_server_live(client_timeout=10),
                                   ready=client.is_server_ready(client_timeout=10))
@@ -64,7 +67,7 @@ def server_status(url: str, metrics_url: str, headers: dict[str, str] | None = N
         for name in MODELS:
             model = ModelStatus(name=name, ready=client.is_model_ready(name, client_timeout=10))
             try:
-                config = client.get_model_config(name, headers=headers, as_json=True, client_timeout=10)["config"]
+                config = client.get_model_config(name, as_json=True, client_timeout=10)["config"]
             except InferenceServerException as exc:
                 status.problems.append(f"{name}: config not readable: {exc.message()}")
             else:

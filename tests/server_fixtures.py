@@ -15,7 +15,8 @@ import pytest
 
 from safejudge.backends.base import Models
 from safejudge.backends.registry import coherent_spec, load_models
-from safejudge.server import PROJECT_ROOT, ServeSettings, TritonServer
+from safejudge.server import ServeSettings, TritonServer
+from safejudge.shipped import PROJECT_ROOT
 
 CONSTITUTIONS = PROJECT_ROOT / "constitutions"
 # What `safejudge serve --mllm tiny:qwen2-vl` serves with every other flag at its default (tiny CLIP and

@@ -23,7 +23,7 @@ from safejudge.bench import (
 from safejudge.cli import app
 from safejudge.constitution import Thresholds, load_constitution
 from safejudge.decision import quick_decision
-from safejudge.server import PROJECT_ROOT
+from safejudge.shipped import PROJECT_ROOT
 from safejudge_client.verdict import Outcome, Verdict
 
 OS_BENCH = PROJECT_ROOT / "constitutions" / "os-bench.yaml"

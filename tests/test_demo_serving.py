@@ -18,7 +18,8 @@ from safejudge.compiled import all_statements, compile_constitution
 from safejudge.constitution import load_constitution
 from safejudge.evaluation import demo_scenes
 from safejudge.evaluators import judge_batched
-from safejudge.server import PROJECT_ROOT, ServeSettings, TritonServer
+from safejudge.server import ServeSettings, TritonServer
+from safejudge.shipped import PROJECT_ROOT
 from safejudge_client import InvalidRequest, JudgeClient
 
 pytestmark = pytest.mark.integration

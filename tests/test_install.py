@@ -14,7 +14,7 @@ import pytest
 
 from safejudge.constitution import load_constitution
 from safejudge.evaluation import TOY_CONSTITUTION, demo_scenes
-from safejudge.server import PROJECT_ROOT
+from safejudge.shipped import PROJECT_ROOT
 from safejudge_client import JudgeClient
 from tests.serve_process import serve_process
 

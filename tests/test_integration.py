@@ -22,7 +22,7 @@ from safejudge.constitution import load_constitution
 from safejudge.evaluators import judge_batched, judge_sequential
 from safejudge.images import decode_image
 from safejudge.pipeline import PIPELINE_KEY_PARAMETER, RequestLimits, parse_options
-from safejudge.server import PROJECT_ROOT
+from safejudge.shipped import PROJECT_ROOT
 from safejudge_client import InvalidRequest, JudgeClient, Verdict
 
 pytest_plugins = ["tests.server_fixtures"]

@@ -116,3 +116,14 @@ def test_only_the_launcher_may_load_or_unload_models(server):
             with pytest.raises(InferenceServerException, match="restricted"):
                 http.unload_model("mllm", headers=headers)
         assert http.is_server_ready()
+
+
+def test_status_reads_the_model_configs_with_the_token(server, pki):
+    from safejudge.status import server_status
+
+    tls = {"ssl": True, "root_certificates": str(pki["ca"]), "private_key": str(pki["client_key"]),
+           "certificate_chain": str(pki["client_cert"])}
+    found = server_status(server.url, server.metrics_url, TOKEN, **tls)
+    assert found.ready and found.settings is not None and not found.problems, found
+    refused = server_status(server.url, server.metrics_url, None, **tls)
+    assert refused.settings is None and any("restricted" in p for p in refused.problems)

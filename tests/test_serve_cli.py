@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from safejudge.backends.tiny import ensure_tiny_model
-from safejudge.server import PROJECT_ROOT
+from safejudge.shipped import PROJECT_ROOT
 from safejudge_client import JudgeClient
 from tests.serve_process import serve_process
 from tests.test_reliability import png

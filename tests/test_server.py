@@ -22,8 +22,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from safejudge.shipped import PROJECT_ROOT
 from safejudge.server import (
-    PROJECT_ROOT,
     STUB_NAME,
     ServerError,
     ServeSettings,
