@@ -402,4 +402,5 @@ class JudgeStage:
             record_verdict(self.metrics, verdict, seconds)
         else:
             record_error(self.metrics, error[0], constitution, seconds)
-        self.constitution_gauge.update(self.store.status())
+        # The request's get() has just read the directory: report that, without another pass over it.
+        self.constitution_gauge.update(self.store.status(refresh=False))

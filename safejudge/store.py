@@ -288,11 +288,13 @@ class ConstitutionStore:
         with self._lock:
             return sorted(self._refresh())
 
-    def status(self) -> list[ConstitutionState]:
-        """Every constitution file and its compile state (calibrated: thresholds from a calibration file)."""
+    def status(self, refresh: bool = True) -> list[ConstitutionState]:
+        """Every constitution file and its compile state (calibrated: thresholds from a calibration file).
+        refresh=False reports what the last get() saw, without re-reading the directory."""
         states = []
         with self._lock:
-            self._refresh()
+            if refresh:
+                self._refresh()
             for path, source in sorted(self._sources.items()):
                 constitution = source.constitution
                 if constitution is None or self._served.get(constitution.name) is not constitution:
