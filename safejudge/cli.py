@@ -232,6 +232,9 @@ def serve(
     constitutions: Path = CONSTITUTIONS_OPTION,
     mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
     judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
+    mllm_batch_delay_us: int = typer.Option(
+        0, help="microseconds the MLLM batcher waits for more requests (requests queued meanwhile batch anyway)"
+    ),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
     request_timeout: float = typer.Option(
         60.0, help="seconds a request may take when its client sets no deadline (then UNAVAILABLE)"
@@ -275,6 +278,7 @@ def serve(
             metrics_port=metrics_port,
             mllm_instances=mllm_instances,
             judge_instances=judge_instances,
+            mllm_batch_delay_us=mllm_batch_delay_us,
             max_queue=max_queue,
             limits=RequestLimits(
                 image=ImageLimits(

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
+OPENMP_SPIN_COUNT = 10_000  # libgomp busy-wait iterations before an idle worker sleeps (see environment())
 # The model-repository API (load, unload) is reserved to the launcher's supervisor: requests need this header.
 ADMIN_HEADER = "safejudge-admin"
 # Protocols a token guards; health (probes) and metadata stay open.
@@ -346,8 +347,13 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
         # The stub embeds Python and finds this venv's site-packages through `python3` on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # Busy-waiting OpenMP threads of several stubs starve each other on a few cores.
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        # OpenMP workers between parallel regions: spin briefly, then sleep. Sleeping at once (PASSIVE) made
+        # the tiny MLLM's forward ~45 % slower (a wake-up between each of its many small ops); spinning long
+        # (libgomp's default 300 000, or ACTIVE) let busy-waiting stubs starve each other at concurrency 4
+        # (benchmarks/RESULTS.md, "Served path"). libgomp (PyTorch's Linux wheels) reads GOMP_SPINCOUNT;
+        # Intel/LLVM OpenMP builds keep sleeping at once (KMP_BLOCKTIME 0), as PASSIVE did.
+        env.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN_COUNT))
+        env.setdefault("KMP_BLOCKTIME", "0")
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -519,8 +525,11 @@ class ServeSettings(BaseModel):
     mllm_instances: int = Field(1, ge=1)
     judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
     max_mllm_batch: int = Field(8, ge=1)
+    # 0: a lone request goes at once, and requests that arrive while the instance is busy still leave
+    # together (measured on 2 CPU cores: p50 at concurrency 1 36 -> 28 ms, throughput at 4 up 1.7x against
+    # 2000 us; benchmarks/RESULTS.md "Served path").
     mllm_batch_delay_us: int = Field(
-        2000, ge=0, description="how long the mllm batcher waits for more requests to score together"
+        0, ge=0, description="how long the mllm batcher waits for more requests to score together"
     )
     max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
     limits: RequestLimits = Field(default_factory=RequestLimits)

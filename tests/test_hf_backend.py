@@ -255,6 +255,39 @@ def test_prefix_reuse_gives_the_scores_of_a_fresh_prefill_and_encodes_an_image_o
     np.testing.assert_allclose(mllm.score(OTHER_IMAGE, STATEMENTS), fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5)
 
 
+class CountingTokenizer:
+    """The model's tokenizer, recording the texts of each call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, texts, *args, **kwargs):
+        self.calls.append(texts)
+        return self.inner(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_later_calls_on_an_image_skip_the_image_processor_and_known_prompts_the_tokenizer(mllm, monkeypatch):
+    mllm.forget_images()
+    mllm._token_memo.clear()
+    encode, encoded = mllm._encode, []
+    monkeypatch.setattr(mllm, "_encode", lambda texts, image: encoded.append(image) or encode(texts, image))
+    tokenizer = CountingTokenizer(mllm.tokenizer)
+    monkeypatch.setattr(mllm, "tokenizer", tokenizer)
+    first = mllm.score(IMAGE, STATEMENTS[:2])
+    assert len(tokenizer.calls) == 1 and len(tokenizer.calls[0]) == 2  # both prompts in one call
+    mllm.score(IMAGE, STATEMENTS[2:])
+    np.testing.assert_array_equal(mllm.score(IMAGE, STATEMENTS[:2]), first)
+    assert len(encoded) == 1 and len(tokenizer.calls) == 2  # the third call: nothing new to tokenize
+    mllm.score(OTHER_IMAGE, STATEMENTS[:2])
+    assert len(encoded) == 2 and len(tokenizer.calls) == 2  # another image: the same prompts
+    mllm.forget_images()
+    mllm.score(IMAGE, STATEMENTS[:1])
+    assert len(encoded) == 3
+
+
 def test_the_engine_asks_in_waves_on_this_backend_by_default(mllm):
     assert JudgeOptions().schedule_for(mllm) == "waves"
     assert JudgeOptions(schedule="all").schedule_for(mllm) == "all"

@@ -256,3 +256,12 @@ def test_the_environments_own_triton_is_chosen_over_the_wheel(tmp_path):
     (home / "backends/python" / STUB_NAME).unlink()
     with pytest.raises(ServerError, match=rf"is not a Triton installation: .*{STUB_NAME} is missing"):
         find_triton(str(home))
+
+
+def test_stage_environment_spins_openmp_workers_briefly_and_keeps_what_the_user_set(tmp_path, monkeypatch):
+    install = find_triton("auto", container_home=fake_triton_home(tmp_path / "home"))
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    env = TritonServer(tmp_path, threads=2).environment(install)
+    assert (env["GOMP_SPINCOUNT"], env["KMP_BLOCKTIME"], env["OMP_NUM_THREADS"]) == ("10000", "0", "2")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert TritonServer(tmp_path).environment(install)["GOMP_SPINCOUNT"] == "0"

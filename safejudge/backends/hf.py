@@ -78,6 +78,7 @@ MAX_ASPECT: dict[str, float] = {"qwen2_vl": 200, "qwen2_5_vl": 200}
 
 # Processor outputs that carry one value per token (sliced with the prompt), as opposed to image tensors.
 _TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids")
+TOKEN_MEMO_SIZE = 4096  # memoised prompts and their tokens: a few constitutions' statements, with and without image
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,18 @@ class HFVisionLanguageModel:
         candidates = (getattr(processor, "image_token_id", None), image_token and self.tokenizer.convert_tokens_to_ids(image_token))
         self._image_token_ids = {i for i in candidates if isinstance(i, int)}
         self._openings: dict[tuple[str, bool], int] = {}
+        # A constitution's prompts recur on every image, an image's encoded prefix on every call about it:
+        # both are memoised (bounded) so that a later wave or Strategy 2 call skips the tokenizer and the
+        # image processor (28 % of the served mllm stage's time before; benchmarks/RESULTS.md "Served path").
+        self._prompt_memo: OrderedDict[str, str] = OrderedDict()
+        self._token_memo: OrderedDict[str, list[int]] = OrderedDict()
+        self._encoded: OrderedDict[tuple[str, tuple[int, ...]], dict] = OrderedDict()
 
     def forget_images(self) -> None:
         """Drop every cached image prefix (benchmarks start each judgement cold)."""
         with self._prefix_lock:
             self._prefixes.clear()
+            self._encoded.clear()
 
     @classmethod
     def from_pretrained(
@@ -210,7 +218,13 @@ class HFVisionLanguageModel:
 
     def yes_no_prompt(self, image: bool, statement: str) -> str:
         """The full one-token scoring prompt for one statement (public so tests can run it plainly)."""
-        return self._render(image, [yes_no_question(statement)])
+        key = f"{image}:{statement}"
+        with self._prefix_lock:
+            prompt = self._prompt_memo.get(key)
+        if prompt is None:
+            prompt = self._render(image, [yes_no_question(statement)])
+            self._remember(self._prompt_memo, key, prompt, TOKEN_MEMO_SIZE)
+        return prompt
 
     # -- scoring ---------------------------------------------------------------------------------------
 
@@ -232,7 +246,7 @@ class HFVisionLanguageModel:
         return self._openings[key]
 
     def _shared_prefix(
-        self, prompts: Sequence[str], image: Image.Image | None, cap: int | None = None
+        self, prompts: Sequence[str], image: Image.Image | None, digest: str, cap: int | None = None
     ) -> tuple[dict, list[list[int]]]:
         """Model inputs for the prompt prefix all prompts share (at most cap plain tokens), and each prompt's
         remaining token ids.
@@ -241,18 +255,44 @@ class HFVisionLanguageModel:
         encodes the first prompt with the image once, and the prefix is cut after the expanded image.
         The placeholder is a special token, so text around it tokenizes the same either way (checked).
         """
-        plain = [self.tokenizer(p).input_ids for p in prompts]
+        plain = self._token_ids(prompts)
         # At least one token per prompt stays out of the prefix: its logits are the answer.
         shared = min(_common_prefix_length(plain), min(len(p) for p in plain) - 1)
         if cap is not None:
             shared = min(shared, cap)
-        first = self._encode(prompts[:1], image)
-        expansion = first["input_ids"].shape[1] - len(plain[0])
-        cut = shared + expansion
-        if first["input_ids"][0, cut:].tolist() != plain[0][shared:]:
-            raise RuntimeError("the processor changed text tokens around the image; shared-prefix scoring is unsafe")
-        prefix = {key: (value[:, :cut] if key in _TOKEN_ALIGNED else value) for key, value in first.items()}
+        key = (digest, tuple(plain[0][:shared]))
+        with self._prefix_lock:
+            prefix = self._encoded.get(key)
+            if prefix is not None:
+                self._encoded.move_to_end(key)
+        if prefix is None:
+            first = self._encode(prompts[:1], image)
+            expansion = first["input_ids"].shape[1] - len(plain[0])
+            cut = shared + expansion
+            if first["input_ids"][0, cut:].tolist() != plain[0][shared:]:
+                raise RuntimeError("the processor changed text tokens around the image; shared-prefix scoring is unsafe")
+            prefix = {key: (value[:, :cut] if key in _TOKEN_ALIGNED else value) for key, value in first.items()}
+            self._remember(self._encoded, key, prefix, max(1, self.prefix_cache_size))
         return prefix, [p[shared:] for p in plain]
+
+    def _token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Plain token ids of each text (image placeholders unexpanded); the texts not memoised yet are
+        tokenized in one call."""
+        with self._prefix_lock:
+            known = {text: self._token_memo.get(text) for text in texts}
+        missing = [text for text, ids in known.items() if ids is None]
+        if missing:
+            for text, ids in zip(missing, self.tokenizer(missing).input_ids, strict=True):
+                known[text] = ids
+                self._remember(self._token_memo, text, ids, TOKEN_MEMO_SIZE)
+        return [known[text] for text in texts]
+
+    def _remember(self, memo: OrderedDict, key, value, size: int) -> None:
+        with self._prefix_lock:
+            memo[key] = value
+            memo.move_to_end(key)
+            while len(memo) > size:
+                memo.popitem(last=False)
 
     def _prefill(self, prefix: dict) -> tuple[object, int]:
         """Run the prefix once; returns its cache and the position of the token after it."""
@@ -278,10 +318,9 @@ class HFVisionLanguageModel:
         ends = [i + 1 for i, token in enumerate(ids) if token in self._image_token_ids]
         return ends[-1] if ends else 0
 
-    def _prefix(self, prefix: dict, image: Image.Image | None) -> _Prefix:
+    def _prefix(self, prefix: dict, image: Image.Image | None, digest: str) -> _Prefix:
         """The prefilled prefix, from the LRU where it (or a prefix of it that reaches past the image) is."""
         ids = tuple(prefix["input_ids"][0].tolist())
-        digest = _image_digest(image)
         image_end = self._image_end(ids) if image is not None else 0
         base, shared = None, 0
         with self._prefix_lock:
@@ -372,9 +411,10 @@ class HFVisionLanguageModel:
         if not questions:
             return np.zeros(0, dtype=np.float64)
         prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
+        digest = _image_digest(image)
         with torch.inference_mode():
-            prefix, suffixes = self._shared_prefix(prompts, image, self._opening_length("yes_no", image is not None))
-            cached = self._prefix(prefix, image)
+            prefix, suffixes = self._shared_prefix(prompts, image, digest, self._opening_length("yes_no", image is not None))
+            cached = self._prefix(prefix, image, digest)
             logits = torch.cat(
                 [
                     self._suffix_logits(cached.cache, len(cached.ids), cached.next_position, pack)
@@ -389,7 +429,9 @@ class HFVisionLanguageModel:
         if not questions:
             return 0
         prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
-        prefix, suffixes = self._shared_prefix(prompts, image, self._opening_length("yes_no", image is not None))
+        prefix, suffixes = self._shared_prefix(
+            prompts, image, _image_digest(image), self._opening_length("yes_no", image is not None)
+        )
         return prefix["input_ids"].shape[1] + sum(len(s) for s in suffixes)
 
     # -- reasoning -------------------------------------------------------------------------------------
@@ -407,8 +449,9 @@ class HFVisionLanguageModel:
                 **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
             )
             return self._decoded(output[:, inputs["input_ids"].shape[1] :])
-        prefix, suffixes = self._shared_prefix(prompts, image, self._opening_length("reason", True))
-        cached = self._prefix(prefix, image)
+        digest = _image_digest(image)
+        prefix, suffixes = self._shared_prefix(prompts, image, digest, self._opening_length("reason", True))
+        cached = self._prefix(prefix, image, digest)
         width = max(len(s) for s in suffixes)
         rows = [[self.pad_id] * (width - len(s)) + s for s in suffixes]
         device = self.device
