@@ -255,6 +255,24 @@ def test_prefix_reuse_gives_the_scores_of_a_fresh_prefill_and_encodes_an_image_o
     np.testing.assert_allclose(mllm.score(OTHER_IMAGE, STATEMENTS), fresh.score(OTHER_IMAGE, STATEMENTS), atol=1e-5)
 
 
+def test_a_merged_batch_scores_every_item_as_alone_in_one_decoder_pass(mllm, monkeypatch):
+    # Different image sizes (prefixes of different lengths), the prior (no image), no questions, one image twice.
+    items = [(IMAGE, STATEMENTS), (OTHER_IMAGE, STATEMENTS[:2]), (None, STATEMENTS[1:]), (IMAGE, []),
+             (noise_image(5, height=40, width=40), STATEMENTS[:1])]
+    alone = [mllm.score(image, questions) for image, questions in items]
+    before = mllm.stats.copy()
+    merged = mllm.score_batch(items)
+    for got, expected in zip(merged, alone, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        assert got.shape == expected.shape
+    used = mllm.stats - before
+    assert used.vision_encodings == 0 and used.forward_passes == 1  # every prefix cached: one pass for all
+    monkeypatch.setattr(mllm, "max_pack_tokens", 40)  # now the rows need several passes, still exact
+    for got, expected in zip(mllm.score_batch(items), alone, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert (mllm.stats - before).forward_passes > 2
+
+
 class CountingTokenizer:
     """The model's tokenizer, recording the texts of each call."""
 

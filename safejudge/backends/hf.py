@@ -1,8 +1,9 @@
 """Hugging Face vision-language models (Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM) as the CLUE MLLM.
 
 One-token scoring shares work across questions: the prompt prefix common to every question (system
-turn, the image, the start of the user turn) is prefilled once, and all question suffixes then run as
-one batch on copies of that KV cache. The result equals a full forward of each prompt
+turn, the image, the start of the user turn) is prefilled once, and all question suffixes then run packed
+in one row after that KV cache. `score_batch` (the served mllm stage's merged dynamic batch) puts several
+images' rows side by side in one forward. The result equals a full forward of each prompt
 (tests/test_hf_backend.py checks to 1e-5 in fp32).
 
 Prefix reuse across calls: the prefilled prefix (the image through the vision tower and the decoder, plus
@@ -21,10 +22,10 @@ import copy
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +38,15 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from safejudge.backends.base import MLLMStats
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.fingerprint import hf_fingerprint
 from safejudge.images import conform
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -111,6 +115,22 @@ def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[position] != token for s in sequences):
             return position
     return shortest
+
+
+def _stacked_cache(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
+    """One batch-row per cache (each of batch size 1), left-padded with zeros to `length` positions."""
+    layers = []
+    for index in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache in caches:
+            layer = cache.layers[index]
+            if type(layer) is not DynamicLayer:
+                raise NotImplementedError(f"scoring on a cached prefix needs full-attention cache layers, got {type(layer).__name__}")
+            padding = (0, 0, length - layer.keys.shape[-2], 0)
+            keys.append(torch.nn.functional.pad(layer.keys, padding))
+            values.append(torch.nn.functional.pad(layer.values, padding))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(layers)
 
 
 class HFVisionLanguageModel:
@@ -364,64 +384,92 @@ class HFVisionLanguageModel:
                     self._prefixes.popitem(last=False)
         return made
 
-    def _suffix_logits(self, cache, prefix_length: int, next_position: int, suffixes: list[list[int]]) -> torch.Tensor:
-        """Last-token logits of each suffix, all packed into ONE row after the prefix cache.
+    def _rows_logits(self, rows: Sequence[tuple[_Prefix, list[list[int]]]]) -> list[torch.Tensor]:
+        """Last-token logits of each suffix of each row, every row in ONE batched forward: a row is one
+        prefix's cache and a pack of suffixes placed one after another.
 
-        A block-diagonal causal mask lets each suffix see the prefix and itself only, and each suffix's
-        positions restart right after the prefix, so every suffix computes exactly what it would alone:
-        no padding, no per-question copy of the cache, one forward for all questions.
+        A block-diagonal causal mask lets each suffix see its row's prefix and itself only, and each suffix's
+        positions restart right after its prefix, so every suffix computes exactly what it would alone: no
+        per-question copy of the cache. Rows of different images sit side by side: shorter prefixes are
+        left-padded in the stacked cache and shorter packs right-padded, the padding masked out.
         """
-        lengths = [len(s) for s in suffixes]
-        total = sum(lengths)
         device = self.device
-        input_ids = torch.tensor([token for suffix in suffixes for token in suffix], device=device)[None]
-        position_ids = torch.cat([next_position + torch.arange(n, device=device) for n in lengths])[None]
-        allowed = torch.zeros((total, prefix_length + total), dtype=torch.bool, device=device)
-        allowed[:, :prefix_length] = True
-        ends, start = [], 0
-        for n in lengths:
-            allowed[start : start + n, prefix_length + start : prefix_length + start + n] = torch.tril(
-                torch.ones((n, n), dtype=torch.bool, device=device)
-            )
-            start += n
-            ends.append(start - 1)
+        width = max(sum(map(len, pack)) for _, pack in rows)
+        longest = max(len(prefix.ids) for prefix, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        allowed = torch.zeros((len(rows), width, longest + width), dtype=torch.bool, device=device)
+        ends: list[list[int]] = []
+        for row, (prefix, pack) in enumerate(rows):
+            # Every query, padding included, sees the row's prefix (so none has nothing to attend to).
+            allowed[row, :, longest - len(prefix.ids) : longest] = True
+            start, row_ends = 0, []
+            for suffix in pack:
+                n = len(suffix)
+                input_ids[row, start : start + n] = torch.tensor(suffix, device=device)
+                position_ids[row, start : start + n] = prefix.next_position + torch.arange(n, device=device)
+                allowed[row, start : start + n, longest + start : longest + start + n] = torch.tril(
+                    torch.ones((n, n), dtype=torch.bool, device=device)
+                )
+                start += n
+                row_ends.append(start - 1)
+            ends.append(row_ends)
         logits = self.model(
             input_ids=input_ids,
-            attention_mask=allowed[None, None],
+            attention_mask=allowed[:, None],
             position_ids=position_ids,
-            cache=copy.deepcopy(cache),  # the packed tokens are appended to the copy, the prefix stays clean
+            # The packed tokens are appended to a new cache; the prefixes stay clean.
+            cache=_stacked_cache([prefix.cache for prefix, _ in rows], longest),
             use_cache=True,
         ).logits
         self.stats.forward_passes += 1
-        self.stats.tokens_processed += total
-        return logits[0, ends]
+        self.stats.tokens_processed += sum(len(suffix) for _, pack in rows for suffix in pack)
+        return [logits[row, row_ends] for row, row_ends in enumerate(ends)]
 
-    def _packs(self, suffixes: list[list[int]]) -> list[list[list[int]]]:
-        """Consecutive groups of suffixes of at most max_pack_tokens tokens each (bounds mask memory)."""
-        packs: list[list[list[int]]] = [[]]
-        for suffix in suffixes:
-            if packs[-1] and sum(map(len, packs[-1])) + len(suffix) > self.max_pack_tokens:
+    def _packs(self, things: Sequence[T], size: Callable[[T], int] = len) -> list[list[T]]:
+        """Consecutive groups of at most max_pack_tokens tokens each (bounds the mask's memory): suffixes into
+        the packs of one row, rows into the groups of one forward."""
+        packs: list[list[T]] = [[]]
+        for thing in things:
+            if packs[-1] and sum(map(size, packs[-1])) + size(thing) > self.max_pack_tokens:
                 packs.append([])
-            packs[-1].append(suffix)
-        return packs
+            packs[-1].append(thing)
+        return [pack for pack in packs if pack]
 
     def score(self, image: Image.Image | None, questions: Sequence[str]) -> np.ndarray:
         """M = P(Yes)/(P(Yes)+P(No)) per precondition statement; the image (or none) is prefilled once, and
         not again by later calls on the same image while its prefix is in the LRU."""
-        if not questions:
-            return np.zeros(0, dtype=np.float64)
-        prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
-        digest = _image_digest(image)
+        return self.score_batch([(image, questions)])[0]
+
+    def score_batch(self, items: Sequence[tuple[Image.Image | None, Sequence[str]]]) -> list[np.ndarray]:
+        """`score` for several images (or none) at once, one array per item: each item's prefix is prefilled
+        (or found in the LRU) on its own, then the questions of all items run in one batched forward (a row
+        per item and pack of questions), so a merged mllm batch costs one decoder pass, not one per request."""
+        rows: list[tuple[int, _Prefix, list[list[int]]]] = []
         with torch.inference_mode():
-            prefix, suffixes = self._shared_prefix(prompts, image, digest, self._opening_length("yes_no", image is not None))
-            cached = self._prefix(prefix, image, digest)
-            logits = torch.cat(
-                [
-                    self._suffix_logits(cached.cache, len(cached.ids), cached.next_position, pack)
-                    for pack in self._packs(suffixes)
-                ]
-            )
-        return yes_probability(logits.float().cpu().numpy(), self.yes_ids, self.no_ids)
+            for index, (image, questions) in enumerate(items):
+                if not questions:
+                    continue
+                prompts = [self.yes_no_prompt(image is not None, statement) for statement in questions]
+                digest = _image_digest(image)
+                prefix, suffixes = self._shared_prefix(
+                    prompts, image, digest, self._opening_length("yes_no", image is not None)
+                )
+                cached = self._prefix(prefix, image, digest)
+                rows += [(index, cached, pack) for pack in self._packs(suffixes)]
+            logits = [
+                row_logits
+                for group in self._packs(rows, size=lambda row: sum(map(len, row[2])))
+                for row_logits in self._rows_logits([(cached, pack) for _, cached, pack in group])
+            ]
+        per_item: list[list[torch.Tensor]] = [[] for _ in items]
+        for (index, _, _), row_logits in zip(rows, logits, strict=True):
+            per_item[index].append(row_logits)
+        return [
+            yes_probability(torch.cat(parts).float().cpu().numpy(), self.yes_ids, self.no_ids)
+            if parts else np.zeros(0, dtype=np.float64)
+            for parts in per_item
+        ]
 
     def minimum_tokens(self, image: Image.Image | None, questions: Sequence[str]) -> int:
         """The least any scorer must run for these questions: the shared prefix once plus each
