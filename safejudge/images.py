@@ -110,14 +110,16 @@ def _frame(image: Image.Image, index: int, frame_count: int, limits: ImageLimits
         raise ImageError(f"{name} is {width}x{height} pixels; the limit is {limits.max_side} per side (max_side)")
     image.load()
     if frame_count == 1:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels are shown on white by every viewer; judge what a person would see.
         rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    # A still RGB image is returned as decoded (no copy); an animation's frame is copied, as the next seek()
+    # overwrites it.
+    return image if image.mode == "RGB" and frame_count == 1 else image.convert("RGB")
 
 
 def conform(image: Image.Image, min_side: int = 1, max_aspect: float | None = None) -> Image.Image:
