@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo", ".apng"})
 GLOB_CHARACTERS = frozenset("*?[")
 # INVALID_ARGUMENT answers that no image could avoid: the request's constitution or options are wrong
-# (messages of store.UnknownConstitution, pipeline.parse_options and the mllm stage's UnsupportedQuestion).
+# (messages of store.UnknownConstitution, pipeline.parse_options and pipeline.fault_of's UnsupportedQuestion).
 REQUEST_FAULTS = ("unknown constitution", "OPTIONS", "the model ")
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
@@ -312,8 +312,8 @@ def in_process(
         from tritonclient.utils import InferenceServerException
 
         from safejudge.backends.base import UnsupportedQuestion
-        from safejudge.backends.registry import ModelSpecError, load_mllm
-        from safejudge.pipeline import Fault, JudgeStage, JudgeStageSettings, StageFault, answer_each, parse_options
+        from safejudge.backends.registry import ModelSpecError
+        from safejudge.pipeline import Fault, JudgeRequest, JudgeStage, JudgeStageSettings, StageFault, parse_options
         from safejudge.store import UnknownConstitution, default_cache_dir
         from safejudge_client.errors import from_triton
 
@@ -321,7 +321,7 @@ def in_process(
         raw_options = None if options is None else json.dumps(options).encode()
         try:
             parse_options(raw_options, settings.limits)
-            stage = JudgeStage(settings, load_mllm(spec))
+            stage = JudgeStage(settings)
             stage.store.get(constitution)  # compile now: an unknown or unreadable constitution stops here
         except UnsupportedQuestion as exc:
             raise BatchError(f"constitution {constitution!r} cannot be judged by {spec.mllm}: {exc}") from exc
@@ -329,11 +329,8 @@ def in_process(
             raise BatchError(str(exc)) from exc
 
         def judge(path: Path) -> Verdict:
-            image = path.read_bytes()
-            deadline = stage.deadline(round(timeout_s * 1e6), lambda: False)
-            (answer,) = answer_each(
-                [image], lambda data: stage.judge(data, constitution.encode(), raw_options, deadline), "safety_judge"
-            )
+            request = JudgeRequest(path.read_bytes(), constitution.encode(), raw_options, round(timeout_s * 1e6))
+            (answer,) = stage.answer([request])
             if isinstance(answer, Fault):
                 raise from_triton(InferenceServerException(answer.message, status=answer.code.value), timeout_s)
             return Verdict.model_validate_json(answer)

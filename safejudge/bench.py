@@ -66,7 +66,7 @@ class BenchSettings(BaseModel):
         default_factory=lambda: JudgeOptions(relevance_filter=False, max_reasoning_calls=0)
     )
     served: bool = True
-    mllm_instances: int = Field(1, ge=1)
+    judge_instances: int = Field(1, ge=1, description="safety_judge instances on the server (each with its own models)")
     regimes: list[str] = Field(default_factory=lambda: list(REGIMES), description="outcome plans, see REGIMES")
     seed: int = Field(0, description="seed of the outcome plans (one stream per regime and image)")
     schedules: list[str] = Field(
@@ -709,7 +709,7 @@ def _served_runs(settings: BenchSettings, base: Constitution, images: Sequence[I
         Path(directory, f"{base.name}.yaml").write_text(yaml.safe_dump(base.model_dump(mode="json"), sort_keys=False))
         serve = ServeSettings(
             models=settings.models, constitutions=Path(directory), grpc_port=0, http_port=0, metrics_port=0,
-            mllm_instances=settings.mllm_instances, judge_instances=max(settings.concurrency),
+            judge_instances=settings.judge_instances,
         )
         log("starting the server ...")
         with serve.server() as server:

@@ -230,10 +230,12 @@ def serve(
     detector: str = DETECTOR_OPTION,
     dtype: str = DTYPE_OPTION,
     constitutions: Path = CONSTITUTIONS_OPTION,
-    mllm_instances: int = typer.Option(1, help="MLLM stage instances (threads each: cores / instances)"),
-    judge_instances: int = typer.Option(1, help="safety_judge stage instances (requests judged at once)"),
-    mllm_batch_delay_us: int = typer.Option(
-        0, help="microseconds the MLLM batcher waits for more requests (requests queued meanwhile batch anyway)"
+    judge_instances: int = typer.Option(
+        1, help="safety_judge instances, each with its own copy of the models (threads each: cores / instances)"
+    ),
+    max_batch: int = typer.Option(8, help="requests one instance judges side by side, their MLLM calls merged"),
+    batch_delay_us: int = typer.Option(
+        0, help="microseconds the batcher waits for more requests (requests queued meanwhile batch anyway)"
     ),
     max_queue: int = typer.Option(64, help="requests that may wait per stage; more are refused with UNAVAILABLE"),
     request_timeout: float = typer.Option(
@@ -276,9 +278,9 @@ def serve(
             grpc_port=grpc_port,
             http_port=http_port,
             metrics_port=metrics_port,
-            mllm_instances=mllm_instances,
             judge_instances=judge_instances,
-            mllm_batch_delay_us=mllm_batch_delay_us,
+            max_batch=max_batch,
+            batch_delay_us=batch_delay_us,
             max_queue=max_queue,
             limits=RequestLimits(
                 image=ImageLimits(
@@ -899,7 +901,7 @@ def bench_command(
     rules: str = typer.Option("5,14,30,60", help="constitution sizes for the growth curve"),
     sizes: str = typer.Option("224,448,896", help="image sides for the growth curve"),
     served: bool = typer.Option(True, help="also measure the engine served through Triton"),
-    mllm_instances: int = typer.Option(1, help="MLLM stage instances on the server"),
+    judge_instances: int = typer.Option(1, help="safety_judge instances on the server (each with its own models)"),
     regimes: str = typer.Option(
         "worst,best,mixed", help="outcome plans for the loop-vs-engine comparison (safejudge/bench.py REGIMES)"
     ),
@@ -936,7 +938,7 @@ def bench_command(
             rule_counts=numbers(rules, "rules"),
             image_sizes=numbers(sizes, "sizes"),
             served=served,
-            mllm_instances=mllm_instances,
+            judge_instances=judge_instances,
             regimes=[part.strip() for part in regimes.split(",") if part.strip()],
             seed=seed,
             schedules=[part.strip() for part in schedules.split(",") if part.strip()],

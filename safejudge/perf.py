@@ -184,7 +184,7 @@ class PerfSettings(BaseModel):
     measurement_interval_ms: int = Field(3000, ge=100)
     stability_percentage: float = Field(25.0, gt=0, description="a shared machine needs more than the default 10")
     max_trials: int = Field(10, ge=3)
-    mllm_instances: int = Field(1, ge=1)
+    judge_instances: int = Field(1, ge=1, description="safety_judge instances on the server (each with its own models)")
     timeout_s: float = Field(600.0, gt=0, description="limit for the whole perf_analyzer run")
     tool_dir: Path = Field(default_factory=default_tool_dir)
     results: Path | None = Path("benchmarks/RESULTS.md")
@@ -286,15 +286,14 @@ def run(settings: PerfSettings, log: Callable[[str], None] = print) -> str:
 
         serve = ServeSettings(
             models=settings.models, constitutions=settings.constitutions, grpc_port=0, http_port=0, metrics_port=0,
-            mllm_instances=settings.mllm_instances, judge_instances=settings.max_concurrency(),
+            judge_instances=settings.judge_instances,
         )
         log("starting the server ...")
         with serve.server() as server:
             text = measure(
                 server.url,
-                f"started with relevance `{settings.models.relevance}`, {settings.mllm_instances} MLLM instance(s), "
-                f"{serve.threads_per_mllm()} MLLM threads, {settings.max_concurrency()} judge instances (one per "
-                "concurrent request)",
+                f"started with relevance `{settings.models.relevance}`, {settings.judge_instances} safety_judge "
+                f"instance(s) of {serve.threads_per_instance()} threads (concurrent requests judged side by side)",
             )
     if settings.results is not None:
         settings.results.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from string import Template
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
-from safejudge.backends.registry import ModelSpec
+from safejudge.backends.registry import ModelSpec, served_threads
 from safejudge.pipeline import JudgeStageSettings, RequestLimits
 from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY
 from safejudge.store import default_cache_dir
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
-OPENMP_SPIN_COUNT = 10_000  # libgomp busy-wait iterations before an idle worker sleeps (see environment())
 # The model-repository API (load, unload) is reserved to the launcher's supervisor: requests need this header.
 ADMIN_HEADER = "safejudge-admin"
 # Protocols a token guards; health (probes) and metadata stay open.
@@ -262,8 +261,7 @@ class TritonServer:
     Ports given as 0 are replaced by free ports. Use as a context manager or call start()/stop().
     Models are loaded through the model-control API (explicit mode), which only this launcher may use
     (header ADMIN_HEADER with a per-server key); the supervisor reloads a stage whose process died.
-    `private_files` are written, readable by this user only, into a directory that config.pbtxt files
-    reach as `${private_dir}`. With `auth_token`, inference and the other non-health protocols need
+    With `auth_token`, inference and the other non-health protocols need
     `authorization: Bearer <token>` (HTTP) / `triton-grpc-protocol-authorization: Bearer <token>` (gRPC).
     """
 
@@ -283,7 +281,6 @@ class TritonServer:
         stub: Path | None = None,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
-        private_files: Mapping[str, str] | None = None,
         tls: TLSFiles | None = None,
         auth_token: str | None = None,
         http_host: str | None = None,
@@ -304,7 +301,6 @@ class TritonServer:
         self.stub_override = stub
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
-        self.private_files = dict(private_files or {})
         self.tls = tls
         self.auth_token = auth_token
         self.admin_key = secrets.token_urlsafe(24)
@@ -347,13 +343,10 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
         # The stub embeds Python and finds this venv's site-packages through `python3` on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # OpenMP workers between parallel regions: spin briefly, then sleep. Sleeping at once (PASSIVE) made
-        # the tiny MLLM's forward ~45 % slower (a wake-up between each of its many small ops); spinning long
-        # (libgomp's default 300 000, or ACTIVE) let busy-waiting stubs starve each other at concurrency 4
-        # (benchmarks/RESULTS.md, "Served path"). libgomp (PyTorch's Linux wheels) reads GOMP_SPINCOUNT;
-        # Intel/LLVM OpenMP builds keep sleeping at once (KMP_BLOCKTIME 0), as PASSIVE did.
-        env.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN_COUNT))
-        env.setdefault("KMP_BLOCKTIME", "0")
+        # Busy-waiting OpenMP threads of several stubs starve each other on a few cores; and with workers
+        # spinning between requests, tritonserver 2.51 left a python stub idle for 0.5 s after some requests
+        # (benchmarks/RESULTS.md "Served path").
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -369,14 +362,8 @@ class TritonServer:
         missing = _missing_libraries(stub, env)
         if missing:
             raise ServerError(f"the Python-backend stub {stub.name} cannot load: " + "; ".join(missing))
-        private = self.run_dir / "private"
-        private.mkdir(mode=0o700)
-        for name, content in self.private_files.items():
-            path = private / name
-            path.touch(mode=0o600)
-            path.write_text(content)
         models = self.run_dir / "models"
-        render_repository(self.repository, models, {**self.template_values, "private_dir": str(private)})
+        render_repository(self.repository, models, self.template_values)
         return [
             str(install.binary),
             f"--model-repository={models}",
@@ -522,15 +509,13 @@ class ServeSettings(BaseModel):
     grpc_port: int = Field(8001, ge=0, le=65535, description="0: any free port")
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(8002, ge=0, le=65535)
-    mllm_instances: int = Field(1, ge=1)
-    judge_instances: int = Field(1, ge=1, description="instances of the safety_judge stage (concurrent requests)")
-    max_mllm_batch: int = Field(8, ge=1)
-    # 0: a lone request goes at once, and requests that arrive while the instance is busy still leave
-    # together (measured on 2 CPU cores: p50 at concurrency 1 36 -> 28 ms, throughput at 4 up 1.7x against
-    # 2000 us; benchmarks/RESULTS.md "Served path").
-    mllm_batch_delay_us: int = Field(
-        0, ge=0, description="how long the mllm batcher waits for more requests to score together"
+    judge_instances: int = Field(
+        1, ge=1, description="instances of the safety_judge stage, each with its own models (threads: cores / instances)"
     )
+    max_batch: int = Field(8, ge=1, description="requests one instance judges side by side, their MLLM calls merged")
+    # 0: a lone request goes at once, and requests that arrive while the instance is busy still leave
+    # together (benchmarks/RESULTS.md "Served path").
+    batch_delay_us: int = Field(0, ge=0, description="how long the batcher waits for more requests to judge together")
     max_queue: int = Field(64, ge=1, description="requests waiting per stage; more are refused (UNAVAILABLE)")
     limits: RequestLimits = Field(default_factory=RequestLimits)
     tls_cert: FilePath | None = None
@@ -549,10 +534,8 @@ class ServeSettings(BaseModel):
             raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
 
-    def threads_per_mllm(self) -> int:
-        if self.models.threads:
-            return self.models.threads
-        return max(1, len(os.sched_getaffinity(0)) // self.mllm_instances)
+    def threads_per_instance(self) -> int:
+        return served_threads(self.models, len(os.sched_getaffinity(0)) // self.judge_instances)
 
     def auth_token(self) -> str | None:
         if self.auth_token_file is None:
@@ -563,21 +546,17 @@ class ServeSettings(BaseModel):
         constitutions = self.constitutions.resolve()
         if not constitutions.is_dir():
             raise ServerError(f"constitution directory {self.constitutions} does not exist")
-        spec = self.models.model_copy(update={"threads": self.threads_per_mllm()})
         judge = JudgeStageSettings(
-            # One thread each: the stage's encoders are small next to the MLLM, and instances run side by side.
-            models=self.models.model_copy(update={"threads": 1}),
+            models=self.models.model_copy(update={"threads": self.threads_per_instance()}),
             constitutions=constitutions,
             cache_dir=self.cache_dir.resolve(),
             limits=self.limits,
         )
         return {
-            "model_spec": pbtxt_string(spec.model_dump_json()),
             "judge_settings": pbtxt_string(judge.model_dump_json()),
-            "mllm_instances": str(self.mllm_instances),
             "judge_instances": str(self.judge_instances),
-            "max_mllm_batch": str(self.max_mllm_batch),
-            "mllm_batch_delay_us": str(self.mllm_batch_delay_us),
+            "max_batch": str(self.max_batch),
+            "batch_delay_us": str(self.batch_delay_us),
             "max_queue": str(self.max_queue),
             "queue_timeout_us": str(int(self.limits.request_timeout_s * 1e6)),
         }
@@ -594,9 +573,8 @@ class ServeSettings(BaseModel):
             http_port=self.http_port,
             metrics_port=self.metrics_port,
             ready_timeout=self.ready_timeout,
-            threads=self.threads_per_mllm(),
+            threads=self.threads_per_instance(),
             tritonserver=self.tritonserver,
-            private_files={"pipeline.key": secrets.token_urlsafe(32)},
             tls=tls,
             auth_token=self.auth_token(),
         )

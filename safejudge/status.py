@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from safejudge.pipeline import JudgeStageSettings
 from safejudge_client.client import BearerToken
 
-MODELS = ("safety_judge", "mllm")
+MODELS = ("safety_judge",)
 
 
 class ModelStatus(BaseModel):

@@ -1,11 +1,11 @@
 """Do concurrent requests meet? Starts a safejudge server, drives `safety_judge` with the asyncio client at
 several concurrency levels and prints, per level: verdicts/s, p50/p95 latency and, from Triton's statistics,
-executions per request of both stages (1.0: no batching; 0.25: four requests per execution). Also judges
-the same images in this process (judge_frames, same models and threads) for the served overhead at
-concurrency 1.
+executions per request (1.0: no batching; 0.25: four requests judged side by side per execution, their
+MLLM calls merged). Also judges the same images in this process (judge_frames, same models and threads)
+for the served overhead at concurrency 1.
 
     PYTHONPATH=.:client python scripts/serving_batches.py                       # tiny:qwen2-vl, 1,2,4,8
-    PYTHONPATH=.:client python scripts/serving_batches.py --judge-instances 1 --companions none --concurrency 1
+    PYTHONPATH=.:client python scripts/serving_batches.py --companions none --concurrency 1
 
 The server's stages import this checkout's code (PYTHONPATH is set for them). Timings on a shared machine
 are indicative only.
@@ -107,7 +107,7 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
         rows = []
         for level in levels:
             await asyncio.gather(*(judge(i) for i in range(level)))  # warm-up at this level
-            before = {model: await counts(model) for model in ("mllm", "safety_judge")}
+            before = await counts("safety_judge")
             queue = iter(range(max(requests, level)))
             latencies: list[float] = []
             in_process: list[float] = []
@@ -121,18 +121,12 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(level)))
             wall = time.perf_counter() - started - sum(in_process)
-            after = {model: await counts(model) for model in ("mllm", "safety_judge")}
-            ratio = {
-                model: (after[model][1] - before[model][1]) / max(1, after[model][0] - before[model][0])
-                for model in after
-            }
+            after = await counts("safety_judge")
             rows.append({
                 "concurrency": level, "requests": len(latencies), "verdicts_per_s": len(latencies) / wall,
                 "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-                "mllm_requests": after["mllm"][0] - before["mllm"][0],
-                "mllm_executions_per_request": ratio["mllm"],
-                "judge_executions_per_request": ratio["safety_judge"],
-                "mllm_queue_ms_per_verdict": (after["mllm"][2] - before["mllm"][2]) / 1e6 / len(latencies),
+                "executions_per_request": (after[1] - before[1]) / max(1, after[0] - before[0]),
+                "queue_ms_per_verdict": (after[2] - before[2]) / 1e6 / len(latencies),
             })
             if in_process:
                 rows[-1]["in_process_p50_ms"] = percentile(in_process, 50)
@@ -154,15 +148,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the level)")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--judge-instances", type=int, default=4,
-                        help="safety_judge stubs: requests judged at once, whose MLLM calls can then meet")
     defaults = ServeSettings.model_fields
-    parser.add_argument("--mllm-batch-delay-us", type=int, default=defaults["mllm_batch_delay_us"].default)
-    parser.add_argument("--mllm-instances", type=int, default=1)
+    parser.add_argument("--judge-instances", type=int, default=defaults["judge_instances"].default,
+                        help="safety_judge processes, each with its own models")
+    parser.add_argument("--max-batch", type=int, default=defaults["max_batch"].default)
+    parser.add_argument("--batch-delay-us", type=int, default=defaults["batch_delay_us"].default)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default: served_threads)")
     parser.add_argument("--constitution", type=Path, default=ROOT / "constitutions" / "os-bench.yaml")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process reference")
     args = parser.parse_args()
-    spec = coherent_spec(args.mllm)[0]
+    spec = coherent_spec(args.mllm, threads=args.threads)[0]
     if args.companions == "none":
         spec = spec.model_copy(update={"relevance": None, "detector": None})
     data = images(args.images, args.size)
@@ -173,12 +168,12 @@ def main() -> None:
         (constitutions / args.constitution.name).write_bytes(args.constitution.read_bytes())
         settings = ServeSettings(
             models=spec, constitutions=constitutions, cache_dir=Path(directory, "compiled"),
-            grpc_port=0, http_port=0, metrics_port=0, mllm_instances=args.mllm_instances,
-            judge_instances=args.judge_instances, mllm_batch_delay_us=args.mllm_batch_delay_us,
+            grpc_port=0, http_port=0, metrics_port=0, judge_instances=args.judge_instances,
+            max_batch=args.max_batch, batch_delay_us=args.batch_delay_us,
         )
         # The served MLLM's thread count, so that both paths get the same compute.
         reference = None if args.no_in_process else in_process_judge(
-            spec.model_copy(update={"threads": settings.threads_per_mllm()}), data, args.constitution)
+            spec.model_copy(update={"threads": settings.threads_per_instance()}), data, args.constitution)
         with settings.server() as server:
             name = args.constitution.stem
             try:
@@ -187,15 +182,13 @@ def main() -> None:
                 print(f"server log, last lines:\n{server.log_tail(60)}", flush=True)
                 raise
     print(f"\n{args.mllm}, companions {args.companions}, {args.judge_instances} safety_judge instance(s), "
-          f"{args.mllm_instances} mllm instance(s) (batch delay {args.mllm_batch_delay_us} us), {args.size}px, "
+          f"max batch {args.max_batch} (delay {args.batch_delay_us} us), {args.size}px, "
           f"options {json.dumps(OPTIONS)}")
-    print("| concurrency | requests | verdicts/s | p50 ms | p95 ms | mllm executions/request | "
-          "safety_judge executions/request | mllm queue ms/verdict |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| concurrency | requests | verdicts/s | p50 ms | p95 ms | executions/request | queue ms/verdict |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['concurrency']} | {row['requests']} | {row['verdicts_per_s']:.1f} | {row['p50_ms']:.0f} | "
-              f"{row['p95_ms']:.0f} | {row['mllm_executions_per_request']:.2f} | "
-              f"{row['judge_executions_per_request']:.2f} | {row['mllm_queue_ms_per_verdict']:.1f} |")
+              f"{row['p95_ms']:.0f} | {row['executions_per_request']:.2f} | {row['queue_ms_per_verdict']:.1f} |")
     for row in rows:
         if "in_process_p50_ms" in row:
             print(f"\nserved p50 at concurrency 1: {row['p50_ms']:.1f} ms; in process, interleaved: "

@@ -45,7 +45,7 @@ def served_constitutions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def triton_server(
     tmp_path_factory: pytest.TempPathFactory, served_constitutions: Path, tiny_models: Models
 ) -> Iterator[TritonServer]:
-    """The full pipeline (safety_judge, mllm) with the shipped constitutions and the default serve settings.
+    """The served pipeline (safety_judge) with the shipped constitutions and the default serve settings.
 
     tiny_models first: on a fresh machine the tiny models are built once here, not by every stub at once.
     A fresh compiled-constitution cache, so the served compile path runs too. Stopped, and its /dev/shm
@@ -58,7 +58,6 @@ def triton_server(
         grpc_port=0,
         http_port=0,
         metrics_port=0,
-        judge_instances=2,  # concurrent requests then meet in the mllm stage's dynamic batcher
         ready_timeout=READY_TIMEOUT_S,
     )
     server = settings.server()

@@ -182,7 +182,7 @@ def test_gpu_image_default_command_is_valid_serve_flags() -> None:
     cmd = exec_form(DOCKERFILES["gpu"], "CMD")
     params = parse_serve(exec_form(DOCKERFILES["gpu"], "ENTRYPOINT")[2:] + cmd)
     assert params["mllm"].startswith("trtllm:/models/")
-    assert params["mllm_instances"] == 1
+    assert params["judge_instances"] == 1
 
 
 def test_dockerignore_sends_only_what_the_image_installs() -> None:
@@ -221,7 +221,7 @@ def test_parse_serve_rejects_what_serve_rejects() -> None:
     with pytest.raises(Exception, match="No such option"):
         parse_serve(["--tls-certificate=/x"])
     with pytest.raises(Exception, match="valid integer"):
-        parse_serve(["--mllm-instances=two"])
+        parse_serve(["--judge-instances=two"])
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu", "kserve"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,8 +27,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/ of a fresh venv holding the built wheel; its dependencies come from this environment's
     site-packages through a .pth path line (no network; the editable install's finder is not loaded)."""
     root = tmp_path_factory.mktemp("install")
+    # From a copy without build outputs: setuptools' build/ keeps files deleted from the tree since.
+    source = root / "source"
+    shutil.copytree(PROJECT_ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(root / "dist"), str(PROJECT_ROOT)], check=True, capture_output=True)
+                    str(root / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (root / "dist").glob("safejudge-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +22,7 @@ from safejudge.compiled import compile_constitution
 from safejudge.constitution import load_constitution
 from safejudge.evaluators import judge_batched, judge_sequential
 from safejudge.images import decode_image
-from safejudge.pipeline import PIPELINE_KEY_PARAMETER, RequestLimits, parse_options
+from safejudge.pipeline import RequestLimits, parse_options
 from safejudge.shipped import PROJECT_ROOT
 from safejudge_client import InvalidRequest, JudgeClient, Verdict
 
@@ -172,7 +173,7 @@ def test_the_comparison_covers_real_work(served_and_reference):
 
 
 def test_concurrent_requests_get_the_same_verdicts(triton_server, served_and_reference):
-    """Concurrent requests meet in the mllm stage's dynamic batcher; each must keep its own answers."""
+    """Concurrent requests are judged side by side, their MLLM calls merged; each keeps its own answers."""
     cases = [case for case in served_and_reference if case[2] == "all-rules-no-reasoning"][:4]
     with ThreadPoolExecutor(len(cases)) as pool:
         verdicts = list(
@@ -267,41 +268,16 @@ def test_a_new_or_edited_constitution_is_served_without_restart(triton_server, s
         assert (first.constitution, first.constitution_version) == ("hot-reload", "1.0")
         assert first.rules_considered == ["red-object"]
         path.write_text(HOT_RELOAD_CONSTITUTION.format(version="2.0.0"))
-        assert infer_raw(triton_server.url, image, "hot-reload").constitution_version == "2.0.0"
+        # The edit is served once the file has been unchanged for the settle time; the last good version
+        # until then, never an error.
+        versions = [infer_raw(triton_server.url, image, "hot-reload").constitution_version]
+        while versions[-1] != "2.0.0" and len(versions) < 50:
+            time.sleep(0.1)
+            versions.append(infer_raw(triton_server.url, image, "hot-reload").constitution_version)
+        assert versions[-1] == "2.0.0" and set(versions) <= {"1.0", "2.0.0"}, versions
     finally:
         path.unlink(missing_ok=True)
 
-
-def test_mllm_stage_answers_like_the_in_process_model(triton_server, tiny_models):
-    """The `mllm` model directly, with the pipeline key: scores with an image and without (the prior), and a
-    bad MODE; without the key it refuses to answer (it is internal to the pipeline)."""
-    key = (triton_server.run_dir / "private" / "pipeline.key").read_text()
-    pixels = np.asarray(decode_image(IMAGES["jpeg-160x96"]).frames[0])
-    questions = ["A person is visible", "Blood is visible"]
-
-    def ask(mode: str, with_pixels: bool, parameters=None):
-        inputs = []
-        for name, value in (("QUESTIONS", [q.encode() for q in questions]), ("MODE", [mode.encode()])):
-            tensor = grpcclient.InferInput(name, [1, len(value)], "BYTES")
-            tensor.set_data_from_numpy(np.array([value], dtype=object))
-            inputs.append(tensor)
-        if with_pixels:
-            tensor = grpcclient.InferInput("PIXELS", [1, *pixels.shape], "UINT8")
-            tensor.set_data_from_numpy(pixels[np.newaxis])
-            inputs.append(tensor)
-        with grpcclient.InferenceServerClient(triton_server.url) as client:
-            return client.infer("mllm", inputs, parameters=parameters).as_numpy("SCORES")[0]
-
-    keyed = {PIPELINE_KEY_PARAMETER: key}
-    image = Image.fromarray(pixels, "RGB")
-    np.testing.assert_allclose(ask("score", True, keyed), tiny_models.mllm.score(image, questions), atol=SCORE_TOLERANCE)
-    np.testing.assert_allclose(ask("score", False, keyed), tiny_models.mllm.score(None, questions), atol=SCORE_TOLERANCE)
-    with pytest.raises(InferenceServerException, match="MODE must be one of"):
-        ask("poem", True, keyed)
-    for parameters in (None, {PIPELINE_KEY_PARAMETER: "guessed"}):
-        with pytest.raises(InferenceServerException, match="internal to the safety_judge pipeline") as refused:
-            ask("reason", True, parameters)
-        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 def scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
@@ -362,8 +338,8 @@ def test_status_reports_health_models_constitutions_and_limits(triton_server, se
     status = json.loads(result.output)
     assert status["live"] and status["ready"] and not status["problems"], status
     models = {m["name"]: m for m in status["models"]}
-    assert models["safety_judge"]["ready"] and models["safety_judge"]["instances"] == 2
-    assert models["mllm"]["max_queue_size"] == 64
+    assert models["safety_judge"]["ready"] and models["safety_judge"]["instances"] == 1
+    assert models["safety_judge"]["max_queue_size"] == 64 and models["safety_judge"]["max_batch_size"] == 8
     assert status["settings"]["limits"]["frames"] == 8 and status["settings"]["models"]["mllm"] == "tiny:qwen2-vl"
     states = {c["name"]: c["state"] for c in status["constitutions"]}
     assert states["os-bench"] == states["general"] == "compiled", states

@@ -1,15 +1,13 @@
-"""The stage logic of the served pipeline without Triton: per-request faults, BLS error codes, the pipeline
-key, request limits and deadlines."""
+"""The stage logic of the served pipeline without Triton: per-request faults, request limits and deadlines."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
+from safejudge.backends.base import UnsupportedQuestion
 from safejudge.pipeline import (
-    PIPELINE_KEY_PARAMETER,
     Cancelled,
     Deadline,
     Fault,
@@ -17,57 +15,19 @@ from safejudge.pipeline import (
     InvalidRequest,
     RequestLimits,
     Unavailable,
-    answer_each,
-    check_pipeline_key,
-    fault_from_bls,
+    fault_of,
     parse_options,
-    tagged,
 )
 
 
-def test_each_request_of_a_batch_gets_its_own_answer_or_fault():
-    def handle(item):
-        if item == "bad":
-            raise InvalidRequest("bad request")
-        if item == "busy":
-            raise Unavailable("queue full")
-        if item == "bug":
-            raise KeyError("surprise")
-        return item.upper()
-
-    answers = answer_each(["a", "bad", "b", "busy", "bug", "c"], handle, "test")
-    assert answers[0] == "A" and answers[2] == "B" and answers[5] == "C"
-    assert answers[1] == Fault(FaultCode.INVALID_ARGUMENT, "bad request")
-    assert answers[3] == Fault(FaultCode.UNAVAILABLE, "queue full")
-    assert answers[4].code == FaultCode.INTERNAL and "KeyError" in answers[4].message and "test stage" in answers[4].message
-
-
-@pytest.mark.parametrize(
-    "message, fault_type, text",
-    [
-        (tagged(FaultCode.INVALID_ARGUMENT, "MODE must be one of score"), InvalidRequest, "MODE must be one of score"),
-        (tagged(FaultCode.UNAVAILABLE, "overloaded"), Unavailable, "overloaded"),
-        ("Failed for execute the inference request. Model 'mllm' is not ready.", Unavailable, "is not ready"),
-        ("Stub process 'mllm_0_0' is not healthy.", Unavailable, "retry shortly"),
-        ("[request id: <id_unknown>] Exceeds maximum queue size", Unavailable, "queue size"),
-        ("Request timeout expired", Unavailable, "timeout expired"),
-        ("CUDA error: out of memory", None, "the mllm stage failed: CUDA error"),
-    ],
-)
-def test_bls_errors_keep_their_meaning(message, fault_type, text):
-    fault = fault_from_bls("mllm", message)
-    assert text in str(fault)
-    if fault_type is None:
-        assert fault.code == FaultCode.INTERNAL
-    else:
-        assert isinstance(fault, fault_type)
-
-
-def test_only_the_pipeline_key_opens_the_mllm_stage():
-    check_pipeline_key(json.dumps({PIPELINE_KEY_PARAMETER: "k3y"}), "k3y")
-    for parameters in ("", "{}", "not json", "[1]", json.dumps({PIPELINE_KEY_PARAMETER: "k3"})):
-        with pytest.raises(InvalidRequest, match="internal to the safety_judge pipeline"):
-            check_pipeline_key(parameters, "k3y")
+def test_each_failure_becomes_the_answer_that_names_it():
+    assert fault_of(InvalidRequest("bad request")) == Fault(FaultCode.INVALID_ARGUMENT, "bad request")
+    assert fault_of(Unavailable("queue full")) == Fault(FaultCode.UNAVAILABLE, "queue full")
+    assert fault_of(Cancelled("gone")).code == FaultCode.CANCELLED
+    unsupported = fault_of(UnsupportedQuestion("no such word"))
+    assert unsupported.code == FaultCode.INVALID_ARGUMENT and "cannot answer this: no such word" in unsupported.message
+    bug = fault_of(KeyError("surprise"), "test")
+    assert bug.code == FaultCode.INTERNAL and "KeyError" in bug.message and "test stage" in bug.message
 
 
 def test_served_options_take_the_server_defaults_and_respect_its_limits():

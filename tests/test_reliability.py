@@ -22,7 +22,6 @@ import tritonclient.grpc.aio as aiogrpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from safejudge.pipeline import PIPELINE_KEY_PARAMETER
 from safejudge_client import JudgeClient, JudgeError
 from safejudge.server import ServeSettings, TritonServer, stub_processes
 from tests.server_fixtures import CONSTITUTIONS, SERVED_SPEC
@@ -87,8 +86,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         yield running
 
 
-@pytest.mark.parametrize("model", ["mllm", "safety_judge"])
-def test_a_killed_stage_is_reported_unready_fails_fast_and_comes_back(server, model):
+def test_a_killed_stage_is_reported_unready_fails_fast_and_comes_back(server):
+    model = "safety_judge"
     (pid,) = [pid for pid, name in stub_processes(server.process.pid).items() if name == model]
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -177,43 +176,33 @@ def test_after_a_flood_of_abandoned_requests_a_fresh_one_is_answered_quickly(ser
 
 
 def test_one_bad_request_in_a_batch_fails_alone(server):
-    """Concurrent mllm requests meet in its dynamic batcher: one with a bad MODE gets INVALID_ARGUMENT, the
-    rest of the batch is answered."""
-    key = (server.run_dir / "private" / "pipeline.key").read_text()
-    pixels = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    """Concurrent requests are judged side by side in one execution: one that is not an image gets
+    INVALID_ARGUMENT, the rest of the batch its verdicts."""
 
-    def ask(mode: str) -> str:
-        tensors = []
-        for name, value in (("QUESTIONS", [b"A person is visible"]), ("MODE", [mode.encode()])):
-            tensor = grpcclient.InferInput(name, [1, len(value)], "BYTES")
-            tensor.set_data_from_numpy(np.array([value], dtype=object))
-            tensors.append(tensor)
-        image = grpcclient.InferInput("PIXELS", list(pixels.shape), "UINT8")
-        image.set_data_from_numpy(pixels)
-        tensors.append(image)
+    def ask(image: bytes) -> str:
         try:
             with grpcclient.InferenceServerClient(server.url) as client:
-                client.infer("mllm", tensors, parameters={PIPELINE_KEY_PARAMETER: key})
+                client.infer("safety_judge", inputs(image), client_timeout=60)
             return "OK"
         except InferenceServerException as exc:
             return f"{exc.status()}: {exc.message()}"
 
     def statistics() -> tuple[int, int]:
         with grpcclient.InferenceServerClient(server.url) as client:
-            stats = client.get_inference_statistics("mllm", as_json=True)["model_stats"][0]
+            stats = client.get_inference_statistics("safety_judge", as_json=True)["model_stats"][0]
         return int(stats["inference_count"]), int(stats["execution_count"])
 
-    for _ in range(5):  # batching is up to the scheduler: retry until one batch held both kinds
+    images = [png(seed) for seed in range(5)] + [b"not an image"] + [png(seed) for seed in range(5, 7)]
+    for _ in range(5):  # batching is up to the scheduler: retry until one execution held several requests
         requests_before, executions_before = statistics()
-        modes = ["score"] * 5 + ["poem"] + ["score"] * 2
-        with ThreadPoolExecutor(len(modes)) as pool:
-            answers = list(pool.map(ask, modes))
+        with ThreadPoolExecutor(len(images)) as pool:
+            answers = list(pool.map(ask, images))
         requests_after, executions_after = statistics()
-        for mode, answer in zip(modes, answers, strict=True):
-            if mode == "poem":
-                assert "INVALID_ARGUMENT" in answer and "MODE must be one of" in answer, answer
+        for image, answer in zip(images, answers, strict=True):
+            if image == b"not an image":
+                assert "INVALID_ARGUMENT" in answer and "cannot identify image file" in answer, answer
             else:
                 assert answer == "OK", answer
         if executions_after - executions_before < requests_after - requests_before:
             return
-    pytest.fail("the mllm stage never batched concurrent requests together")
+    pytest.fail("safety_judge never judged concurrent requests together")

@@ -114,7 +114,7 @@ def test_only_the_launcher_may_load_or_unload_models(server):
     with httpclient.InferenceServerClient(server.http_url) as http:
         for headers in (None, {"Authorization": f"Bearer {TOKEN}"}, {ADMIN_HEADER: "guessed"}):
             with pytest.raises(InferenceServerException, match="restricted"):
-                http.unload_model("mllm", headers=headers)
+                http.unload_model("safety_judge", headers=headers)
         assert http.is_server_ready()
 
 

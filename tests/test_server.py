@@ -168,14 +168,13 @@ def test_placeholder_without_value_names_the_file(tmp_path):
 
 
 def test_serve_settings_fill_every_placeholder_of_the_model_repository(tmp_path):
-    settings = ServeSettings(constitutions=Path("constitutions"), cache_dir=tmp_path / "cache", mllm_instances=2)
-    # private_dir is the launcher's own placeholder (the directory of the per-server pipeline key).
-    render_repository(settings.repository, tmp_path / "rendered", {**settings.template_values(), "private_dir": "/p"})
-    mllm_config = (tmp_path / "rendered" / "mllm" / "config.pbtxt").read_text()
+    settings = ServeSettings(constitutions=Path("constitutions"), cache_dir=tmp_path / "cache", judge_instances=2,
+                             max_batch=4)
+    render_repository(settings.repository, tmp_path / "rendered", settings.template_values())
+    assert sorted(p.name for p in (tmp_path / "rendered").iterdir()) == ["safety_judge"]
     judge_config = (tmp_path / "rendered" / "safety_judge" / "config.pbtxt").read_text()
-    assert "count: 2" in mllm_config and "${" not in mllm_config + judge_config
-    assert "max_queue_size: 64" in mllm_config and "max_queue_size: 64" in judge_config
-    assert '"/p/pipeline.key"' in mllm_config and '"/p/pipeline.key"' in judge_config
+    assert "count: 2" in judge_config and "max_batch_size: 4" in judge_config and "${" not in judge_config
+    assert "max_queue_size: 64" in judge_config and "max_queue_delay_microseconds: 0" in judge_config
     assert str(Path("constitutions").resolve()) in judge_config
 
 
@@ -257,11 +256,3 @@ def test_the_environments_own_triton_is_chosen_over_the_wheel(tmp_path):
     with pytest.raises(ServerError, match=rf"is not a Triton installation: .*{STUB_NAME} is missing"):
         find_triton(str(home))
 
-
-def test_stage_environment_spins_openmp_workers_briefly_and_keeps_what_the_user_set(tmp_path, monkeypatch):
-    install = find_triton("auto", container_home=fake_triton_home(tmp_path / "home"))
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    env = TritonServer(tmp_path, threads=2).environment(install)
-    assert (env["GOMP_SPINCOUNT"], env["KMP_BLOCKTIME"], env["OMP_NUM_THREADS"]) == ("10000", "0", "2")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
-    assert TritonServer(tmp_path).environment(install)["GOMP_SPINCOUNT"] == "0"

@@ -380,7 +380,7 @@ def test_a_failed_compile_reaches_every_waiter_and_is_retried(
 
 
 def test_a_compile_that_times_out_itself_is_not_reported_as_still_compiling(directory: Path, tmp_path: Path) -> None:
-    store, _ = slow_store(directory, tmp_path / "cache", failures=1, error=TimeoutError)  # e.g. a BLS call
+    store, _ = slow_store(directory, tmp_path / "cache", failures=1, error=TimeoutError)  # e.g. a model call
     with pytest.raises(TimeoutError, match="the MLLM call failed"):
         store.get("demo", timeout_s=5)
 

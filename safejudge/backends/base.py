@@ -48,7 +48,7 @@ class MLLM(Protocol):
 
         A backend may also offer `score_batch(items) -> list[np.ndarray]`: `score` for several images (or
         none) with their questions at once, one array per item, in order (optional, not part of this
-        protocol: evaluators only call `score`; the served `mllm` stage calls it through `score_batch`
+        protocol: evaluators only call `score`; the served stage's merged rounds call it through `score_batch`
         below to merge a dynamic batch).
         """
         ...

@@ -2,7 +2,7 @@
 
 One-token scoring shares work across questions: the prompt prefix common to every question (system
 turn, the image, the start of the user turn) is prefilled once, and all question suffixes then run packed
-in one row after that KV cache. `score_batch` (the served mllm stage's merged dynamic batch) puts several
+in one row after that KV cache. `score_batch` (a merged round of the served stage, safejudge/merging.py) puts several
 images' rows side by side in one forward. The result equals a full forward of each prompt
 (tests/test_hf_backend.py checks to 1e-5 in fp32).
 
@@ -179,7 +179,7 @@ class HFVisionLanguageModel:
         self._openings: dict[tuple[str, bool], int] = {}
         # A constitution's prompts recur on every image, an image's encoded prefix on every call about it:
         # both are memoised (bounded) so that a later wave or Strategy 2 call skips the tokenizer and the
-        # image processor (28 % of the served mllm stage's time before; benchmarks/RESULTS.md "Served path").
+        # image processor (28 % of the served MLLM's time before; benchmarks/RESULTS.md "Served path").
         self._prompt_memo: OrderedDict[str, str] = OrderedDict()
         self._token_memo: OrderedDict[str, list[int]] = OrderedDict()
         self._encoded: OrderedDict[tuple[str, tuple[int, ...]], dict] = OrderedDict()

@@ -103,13 +103,29 @@ def _hf_mllm(argument: str, spec: ModelSpec) -> MLLM:
     )
 
 
+# Tiny random models of no real size (tests, pipeline demos): their ops are too small for intra-op threads.
+SMALL_TINY_MLLMS = ("qwen2-vl", "idefics3")
+
+
+def served_threads(spec: ModelSpec, cores: int) -> int:
+    """Intra-op threads for one served instance's models: spec.threads, else `cores`, else one for the small
+    tiny MLLMs (two threads made their forward ~45 % slower with sleeping OpenMP workers, and no faster
+    with spinning ones; benchmarks/RESULTS.md "Served path")."""
+    if spec.threads:
+        return spec.threads
+    scheme, _, argument = spec.mllm.partition(":")
+    if scheme == "tiny" and argument.split("?")[0] in SMALL_TINY_MLLMS:
+        return 1
+    return max(1, cores)
+
+
 def _tiny_mllm(argument: str, spec: ModelSpec) -> MLLM:
     from safejudge.backends.hf import HFVisionLanguageModel
 
     from safejudge.backends.tiny import TINY_VERSION
 
     argument, device = _device_option("mllm", argument)
-    source = _tiny("mllm", argument, ("qwen2-vl", "idefics3", "qwen2-vl-2b-shape", "qwen2-vl-7b-shape"))
+    source = _tiny("mllm", argument, (*SMALL_TINY_MLLMS, "qwen2-vl-2b-shape", "qwen2-vl-7b-shape"))
     # The fingerprint keys compiled priors by the files; the id adds what they do not say: the dtype (and the
     # device, inside spec.mllm).
     model_id = f"{spec.mllm}-v{TINY_VERSION}@{spec.dtype}"
