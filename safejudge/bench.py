@@ -66,7 +66,7 @@ class BenchSettings(BaseModel):
         default_factory=lambda: JudgeOptions(relevance_filter=False, max_reasoning_calls=0)
     )
     served: bool = True
-    judge_instances: int = Field(1, ge=1, description="safety_judge instances on the server (each with its own models)")
+    judge_instances: int | None = Field(None, ge=1, description="safety_judge processes on the server; None: serve's default")
     regimes: list[str] = Field(default_factory=lambda: list(REGIMES), description="outcome plans, see REGIMES")
     seed: int = Field(0, description="seed of the outcome plans (one stream per regime and image)")
     schedules: list[str] = Field(

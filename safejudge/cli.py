@@ -231,7 +231,8 @@ def serve(
     dtype: str = DTYPE_OPTION,
     constitutions: Path = CONSTITUTIONS_OPTION,
     judge_instances: int = typer.Option(
-        1, help="safety_judge instances, each with its own copy of the models (threads each: cores / instances)"
+        None, help="safety_judge processes, each with its own copy of the models and cores / instances threads "
+        "[default: cores / the model's threads: 1 for a real model]",
     ),
     max_batch: int = typer.Option(8, help="requests one instance judges side by side, their MLLM calls merged"),
     batch_delay_us: int = typer.Option(
@@ -901,7 +902,7 @@ def bench_command(
     rules: str = typer.Option("5,14,30,60", help="constitution sizes for the growth curve"),
     sizes: str = typer.Option("224,448,896", help="image sides for the growth curve"),
     served: bool = typer.Option(True, help="also measure the engine served through Triton"),
-    judge_instances: int = typer.Option(1, help="safety_judge instances on the server (each with its own models)"),
+    judge_instances: int = typer.Option(None, help="safety_judge processes on the server [default: serve's]"),
     regimes: str = typer.Option(
         "worst,best,mixed", help="outcome plans for the loop-vs-engine comparison (safejudge/bench.py REGIMES)"
     ),

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLL_S = 0.05  # how often an idle dispatcher runs between_rounds (cancellation checks)
+MERGE_WAIT_S = 0.01  # at most this long a round waits for the requests that have not asked yet
 
 
 @dataclass(eq=False)
@@ -142,6 +143,10 @@ class CallMerger:
             with self._condition:
                 if self._running and not self._pending:
                     self._condition.wait(timeout=POLL_S)
+                # Give the other requests a moment to ask too: their calls then share this round.
+                ends = time.monotonic() + MERGE_WAIT_S
+                while self._pending and len(self._pending) < self._running and time.monotonic() < ends:
+                    self._condition.wait(timeout=ends - time.monotonic())
                 calls, self._pending = self._pending, []
                 finished = not self._running and not calls
             between_rounds()

@@ -184,7 +184,7 @@ class PerfSettings(BaseModel):
     measurement_interval_ms: int = Field(3000, ge=100)
     stability_percentage: float = Field(25.0, gt=0, description="a shared machine needs more than the default 10")
     max_trials: int = Field(10, ge=3)
-    judge_instances: int = Field(1, ge=1, description="safety_judge instances on the server (each with its own models)")
+    judge_instances: int | None = Field(None, ge=1, description="safety_judge processes on the server; None: serve's default")
     timeout_s: float = Field(600.0, gt=0, description="limit for the whole perf_analyzer run")
     tool_dir: Path = Field(default_factory=default_tool_dir)
     results: Path | None = Path("benchmarks/RESULTS.md")
@@ -292,7 +292,7 @@ def run(settings: PerfSettings, log: Callable[[str], None] = print) -> str:
         with serve.server() as server:
             text = measure(
                 server.url,
-                f"started with relevance `{settings.models.relevance}`, {settings.judge_instances} safety_judge "
+                f"started with relevance `{settings.models.relevance}`, {serve.instances()} safety_judge "
                 f"instance(s) of {serve.threads_per_instance()} threads (concurrent requests judged side by side)",
             )
     if settings.results is not None:

@@ -509,8 +509,10 @@ class ServeSettings(BaseModel):
     grpc_port: int = Field(8001, ge=0, le=65535, description="0: any free port")
     http_port: int = Field(8000, ge=0, le=65535)
     metrics_port: int = Field(8002, ge=0, le=65535)
-    judge_instances: int = Field(
-        1, ge=1, description="instances of the safety_judge stage, each with its own models (threads: cores / instances)"
+    judge_instances: int | None = Field(
+        None, ge=1,
+        description="processes of the safety_judge model, each with its own models; None: as many as the cores "
+        "hold at the model's threads (instances())",
     )
     max_batch: int = Field(8, ge=1, description="requests one instance judges side by side, their MLLM calls merged")
     # 0: a lone request goes at once, and requests that arrive while the instance is busy still leave
@@ -534,8 +536,17 @@ class ServeSettings(BaseModel):
             raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
 
+    def instances(self) -> int:
+        """judge_instances, else cores / the model's threads: one instance of a real model on all cores, one
+        per core for the small tiny models (a single process is bound by Python's GIL there: concurrency 4
+        judged 1.3x the verdicts/s of concurrency 1 with one instance, 2.2x with two on 2 cores)."""
+        if self.judge_instances is not None:
+            return self.judge_instances
+        cores = len(os.sched_getaffinity(0))
+        return max(1, cores // served_threads(self.models, cores))
+
     def threads_per_instance(self) -> int:
-        return served_threads(self.models, len(os.sched_getaffinity(0)) // self.judge_instances)
+        return served_threads(self.models, len(os.sched_getaffinity(0)) // self.instances())
 
     def auth_token(self) -> str | None:
         if self.auth_token_file is None:
@@ -554,7 +565,7 @@ class ServeSettings(BaseModel):
         )
         return {
             "judge_settings": pbtxt_string(judge.model_dump_json()),
-            "judge_instances": str(self.judge_instances),
+            "judge_instances": str(self.instances()),
             "max_batch": str(self.max_batch),
             "batch_delay_us": str(self.batch_delay_us),
             "max_queue": str(self.max_queue),

@@ -181,7 +181,7 @@ def main() -> None:
             except Exception:
                 print(f"server log, last lines:\n{server.log_tail(60)}", flush=True)
                 raise
-    print(f"\n{args.mllm}, companions {args.companions}, {args.judge_instances} safety_judge instance(s), "
+    print(f"\n{args.mllm}, companions {args.companions}, {settings.instances()} safety_judge instance(s), "
           f"max batch {args.max_batch} (delay {args.batch_delay_us} us), {args.size}px, "
           f"options {json.dumps(OPTIONS)}")
     print("| concurrency | requests | verdicts/s | p50 ms | p95 ms | executions/request | queue ms/verdict |")

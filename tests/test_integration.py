@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -338,7 +339,8 @@ def test_status_reports_health_models_constitutions_and_limits(triton_server, se
     status = json.loads(result.output)
     assert status["live"] and status["ready"] and not status["problems"], status
     models = {m["name"]: m for m in status["models"]}
-    assert models["safety_judge"]["ready"] and models["safety_judge"]["instances"] == 1
+    # One process per core for the small tiny models (one thread each; ServeSettings.instances).
+    assert models["safety_judge"]["ready"] and models["safety_judge"]["instances"] == len(os.sched_getaffinity(0))
     assert models["safety_judge"]["max_queue_size"] == 64 and models["safety_judge"]["max_batch_size"] == 8
     assert status["settings"]["limits"]["frames"] == 8 and status["settings"]["models"]["mllm"] == "tiny:qwen2-vl"
     states = {c["name"]: c["state"] for c in status["constitutions"]}

@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from safejudge.backends.registry import ModelSpec
 from safejudge.shipped import PROJECT_ROOT
 from safejudge.server import (
     STUB_NAME,
@@ -176,6 +177,18 @@ def test_serve_settings_fill_every_placeholder_of_the_model_repository(tmp_path)
     assert "count: 2" in judge_config and "max_batch_size: 4" in judge_config and "${" not in judge_config
     assert "max_queue_size: 64" in judge_config and "max_queue_delay_microseconds: 0" in judge_config
     assert str(Path("constitutions").resolve()) in judge_config
+
+
+def test_instances_fill_the_cores_at_the_models_threads(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    real = ServeSettings(models=ModelSpec(mllm="hf:some/model"), cache_dir=tmp_path)
+    assert (real.instances(), real.threads_per_instance()) == (1, cores)
+    tiny = ServeSettings(models=ModelSpec(mllm="tiny:qwen2-vl"), cache_dir=tmp_path)
+    assert (tiny.instances(), tiny.threads_per_instance()) == (cores, 1)
+    two = ServeSettings(models=ModelSpec(mllm="hf:some/model"), cache_dir=tmp_path, judge_instances=2)
+    assert (two.instances(), two.threads_per_instance()) == (2, max(1, cores // 2))
+    shaped = ServeSettings(models=ModelSpec(mllm="tiny:qwen2-vl-2b-shape", threads=3), cache_dir=tmp_path)
+    assert (shaped.instances(), shaped.threads_per_instance()) == (max(1, cores // 3), 3)
 
 
 def test_serve_settings_reject_a_missing_constitution_directory(tmp_path):
