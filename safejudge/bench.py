@@ -56,7 +56,7 @@ class BenchSettings(BaseModel):
     sequential_images: int = Field(2, ge=1, description="images for the (slow) sequential reference")
     image_size: int = Field(448, ge=16)
     concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
-    requests_per_level: int = Field(8, ge=1)
+    requests_per_level: int = Field(32, ge=1)
     rule_counts: list[int] = Field(default_factory=lambda: [5, 14, 30, 60])
     image_sizes: list[int] = Field(default_factory=lambda: [224, 448, 896])
     scaling_images: int = Field(2, ge=1, description="images per point of the growth curves")
@@ -417,6 +417,9 @@ def run_in_process(
     return run
 
 
+WARM_UP_WIDTH = 4  # concurrent warm-up requests before each served level (reaches every instance)
+
+
 def run_served(url: str, images: Sequence[bytes], constitution: str, options: JudgeOptions, concurrency: int,
                requests: int) -> Run:
     from safejudge_client import JudgeClient
@@ -432,7 +435,12 @@ def run_served(url: str, images: Sequence[bytes], constitution: str, options: Ju
         return index, time.perf_counter() - t, verdict
 
     try:
-        clients[0].judge(images[0], constitution, payload)  # warm-up: compile and first-call costs
+        # Warm-up at this level and at least 4 wide, so that every instance has compiled the constitution
+        # and paid its first-call costs before anything is timed.
+        warm = max(concurrency, WARM_UP_WIDTH)
+        with ThreadPoolExecutor(warm) as pool:
+            list(pool.map(lambda index: clients[0].judge(images[index % len(images)], constitution, payload),
+                          range(2 * warm)))
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(one, range(requests), order))

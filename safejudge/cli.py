@@ -898,7 +898,7 @@ def bench_command(
     sequential_images: int = typer.Option(2, help="images for the sequential reference (slow)"),
     image_size: int = typer.Option(448, help="image side in pixels"),
     concurrency: str = typer.Option("1,2,4,8", help="served concurrency levels"),
-    requests: int = typer.Option(8, help="requests per concurrency level"),
+    requests: int = typer.Option(32, help="requests per concurrency level"),
     rules: str = typer.Option("5,14,30,60", help="constitution sizes for the growth curve"),
     sizes: str = typer.Option("224,448,896", help="image sides for the growth curve"),
     served: bool = typer.Option(True, help="also measure the engine served through Triton"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -109,12 +110,7 @@ def _image_digest(image: Image.Image | None) -> str:
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    shortest = min(len(s) for s in sequences)
-    for position in range(shortest):
-        token = sequences[0][position]
-        if any(s[position] != token for s in sequences):
-            return position
-    return shortest
+    return len(os.path.commonprefix([list(s) for s in sequences]))  # any sequences, not only strings
 
 
 def _stacked_cache(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
