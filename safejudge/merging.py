@@ -3,12 +3,13 @@
 Each request runs in its own worker thread, with the evaluators as they are; the MLLM it sees is a
 `RequestMLLM` whose score and reason calls are handed to the dispatching thread and wait for their answer.
 The dispatcher (the thread that called `CallMerger.run`: in the server, the stub's execute thread) answers
-whatever is pending as soon as it is free: every pending score call in ONE `score_batch` (each call alone
-if that fails, so that a call that breaks the merge fails alone), reasoning calls one by one. While it
-computes, the other requests decode, filter and build their next questions, and their calls meet in the
-next round. Only the dispatcher touches the model and runs `between_rounds` (the server polls Triton for
-cancelled requests there: a Python-backend stub must not be called from several threads; concurrent BLS
-calls from threads of one stub crashed tritonserver 2.51).
+in rounds: once a call is pending it waits until every running request has asked, or MERGE_WAIT_S at most
+(a request still decoding, detecting or waiting for a compile does not hold the others up for longer),
+then answers every pending score call in ONE `score_batch` (each call alone if that fails, so that a call
+that breaks the merge fails alone) and reasoning calls one by one. A lone request calls the model itself.
+Only the dispatcher touches the model and runs `between_rounds` (the server polls Triton for cancelled
+requests there: a Python-backend stub must not be called from several threads; concurrent BLS calls from
+threads of one stub crashed tritonserver 2.51).
 """
 
 from __future__ import annotations
@@ -91,14 +92,12 @@ class CallMerger:
         if self._inline:
             self._between_rounds()
             self._answer([call])
-            if call.error is not None:
-                raise call.error
-            return call.answer
-        with self._condition:
-            self._pending.append(call)
-            self._condition.notify_all()
-            while not call.done:
-                self._condition.wait()
+        else:
+            with self._condition:
+                self._pending.append(call)
+                self._condition.notify_all()
+                while not call.done:
+                    self._condition.wait()
         if call.error is not None:
             raise call.error
         return call.answer

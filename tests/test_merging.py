@@ -18,6 +18,7 @@ from PIL import Image
 
 from safejudge.backends.base import UnsupportedQuestion, score_batch
 from safejudge.backends.registry import ModelSpec
+from safejudge import merging
 from safejudge.merging import CallMerger, RequestMLLM
 from safejudge.pipeline import FaultCode, JudgeRequest, JudgeStage, JudgeStageSettings
 from safejudge.shipped import CONSTITUTIONS
@@ -100,6 +101,29 @@ def test_concurrent_calls_meet_in_merged_rounds_and_each_gets_its_own_scores():
     assert max(mllm.batch_calls) > 1 and model_calls < 18, (mllm.batch_calls, mllm.score_calls)
     assert sum(mllm.batch_calls) + mllm.score_calls == 18
     assert mllm.threads == {threading.current_thread().name} and not mllm.overlapped
+
+
+def test_a_round_waits_briefly_for_the_requests_that_have_not_asked_yet_but_not_for_a_straggler(monkeypatch):
+    mllm = CountingMLLM()
+    merger = CallMerger(mllm)
+    monkeypatch.setattr(merging, "MERGE_WAIT_S", 5.0)  # longer than any thread start: the test does not race
+
+    def asking_after(delay_s: float, question: str):
+        def job():
+            time.sleep(delay_s)
+            return RequestMLLM(merger).score(IMAGE, [question])
+        return job
+
+    # Asked 0, 2 and 4 ms apart: one round for all three.
+    merger.run([asking_after(delay, q) for delay, q in ((0.0, "a"), (0.002, "bb"), (0.004, "ccc"))])
+    assert (mllm.batch_calls, mllm.score_calls) == ([3], 0)
+    # One request asks 1 s later (still decoding, say): the others wait MERGE_WAIT_S for it, not longer.
+    monkeypatch.setattr(merging, "MERGE_WAIT_S", 0.05)
+    started = time.monotonic()
+    outcomes = merger.run([asking_after(delay, q) for delay, q in ((0.0, "a"), (0.0, "bb"), (1.0, "ccc"))])
+    assert mllm.batch_calls[1] == 2 and mllm.score_calls == 1
+    assert outcomes[0].finished - started < 0.5
+    np.testing.assert_allclose(outcomes[2].value, expected(["ccc"]))
 
 
 @pytest.mark.parametrize("fail_merged", [True, False])
