@@ -90,7 +90,7 @@ class CallMerger:
 
     def ask(self, call: _Call) -> object:
         if self._inline:
-            self._between_rounds()
+            _safely(self._between_rounds)
             self._answer([call])
         else:
             with self._condition:
@@ -106,7 +106,7 @@ class CallMerger:
         """Each job in its own thread (a job reaches the model through a RequestMLLM of this merger); returns
         when all have finished, with each one's value or exception, in order."""
         outcomes: list[Outcome[T]] = [Outcome() for _ in jobs]
-        between_rounds()  # a request cancelled while it queued is stopped before any work
+        _safely(between_rounds)  # a request cancelled while it queued is stopped before any work
 
         def work(index: int) -> None:
             try:
@@ -148,7 +148,7 @@ class CallMerger:
                     self._condition.wait(timeout=ends - time.monotonic())
                 calls, self._pending = self._pending, []
                 finished = not self._running and not calls
-            between_rounds()
+            _safely(between_rounds)
             if finished:
                 break
             if calls:
@@ -186,6 +186,15 @@ class CallMerger:
     def locked(self) -> MLLM:
         """The model for use outside the rounds (another thread), serialised with them."""
         return LockedMLLM(self.model, self.model_lock)
+
+
+def _safely(between_rounds: Callable[[], None]) -> None:
+    """A failed cancellation check is logged, never raised: the batch's requests are still being judged
+    (and their threads must be answered), only without knowing whether their clients left."""
+    try:
+        between_rounds()
+    except Exception:  # noqa: BLE001
+        logger.warning("checking the batch's requests for cancellation failed:\n%s", traceback.format_exc())
 
 
 class LockedMLLM:

@@ -192,6 +192,19 @@ def test_cancellation_is_polled_from_the_dispatcher_while_requests_compute_and_s
     assert all("cancelled before an mllm score call" in str(o.error) for o in outcomes)
 
 
+def test_a_failing_cancellation_check_never_strands_the_requests(caplog):
+    merger = CallMerger(CountingMLLM())
+
+    def poll():
+        raise RuntimeError("the stub lost its connection")
+
+    for jobs in ([asking(merger, [(IMAGE, ["a"])])], [asking(merger, [(IMAGE, ["a"])]) for _ in range(3)]):
+        outcomes = merger.run(jobs, poll)
+        assert all(o.error is None for o in outcomes)
+        np.testing.assert_allclose(outcomes[0].value[0], expected(["a"]))
+    assert "checking the batch's requests for cancellation failed" in caplog.text
+
+
 def test_the_locked_model_waits_for_the_rounds():
     mllm = CountingMLLM(delay_s=0.01)
     merger = CallMerger(mllm)
