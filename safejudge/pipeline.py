@@ -215,10 +215,6 @@ class JudgeStage:
         self.metrics = metrics
         self.constitution_gauge = ConstitutionGauge(metrics) if metrics is not None else None
 
-    @property
-    def mllm(self) -> MLLM:
-        return self.merger.model
-
     def deadline(self, timeout_us: int, cancelled: Callable[[], bool] = lambda: False) -> Deadline:
         """The request's own timeout (Triton's `timeout` parameter, microseconds) or the server's default."""
         timeout_s = timeout_us / 1e6 if timeout_us > 0 else self.settings.limits.request_timeout_s

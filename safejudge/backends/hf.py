@@ -19,6 +19,7 @@ about 8 MiB per entry for Qwen2-VL-2B in bf16 with a 448x448 image (256 image to
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import threading
@@ -176,7 +177,9 @@ class HFVisionLanguageModel:
         # A constitution's prompts recur on every image, an image's encoded prefix on every call about it:
         # both are memoised (bounded) so that a later wave or Strategy 2 call skips the tokenizer and the
         # image processor (28 % of the served MLLM's time before; benchmarks/RESULTS.md "Served path").
-        self._prompt_memo: OrderedDict[str, str] = OrderedDict()
+        self._yes_no_prompt = functools.lru_cache(maxsize=TOKEN_MEMO_SIZE)(
+            lambda image, statement: self._render(image, [yes_no_question(statement)])
+        )
         self._token_memo: OrderedDict[str, list[int]] = OrderedDict()
         self._encoded: OrderedDict[tuple[str, tuple[int, ...]], dict] = OrderedDict()
 
@@ -234,13 +237,7 @@ class HFVisionLanguageModel:
 
     def yes_no_prompt(self, image: bool, statement: str) -> str:
         """The full one-token scoring prompt for one statement (public so tests can run it plainly)."""
-        key = f"{image}:{statement}"
-        with self._prefix_lock:
-            prompt = self._prompt_memo.get(key)
-        if prompt is None:
-            prompt = self._render(image, [yes_no_question(statement)])
-            self._remember(self._prompt_memo, key, prompt, TOKEN_MEMO_SIZE)
-        return prompt
+        return self._yes_no_prompt(image, statement)
 
     # -- scoring ---------------------------------------------------------------------------------------
 
@@ -374,10 +371,7 @@ class HFVisionLanguageModel:
                 self.stats.tokens_processed += len(rest)
             made = _Prefix(cache, ids, len(ids) + base.rope_delta, image_end)
         if self.prefix_cache_size > 0:
-            with self._prefix_lock:
-                self._prefixes[(digest, ids)] = made
-                while len(self._prefixes) > self.prefix_cache_size:
-                    self._prefixes.popitem(last=False)
+            self._remember(self._prefixes, (digest, ids), made, self.prefix_cache_size)
         return made
 
     def _rows_logits(self, rows: Sequence[tuple[_Prefix, list[list[int]]]]) -> list[torch.Tensor]:
