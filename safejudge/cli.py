@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import typer
 
-from safejudge.constitution import ConstitutionError, load_constitution
+from safejudge.constitution import ConstitutionError, load_constitution, validation_summary
 from safejudge.images import ImageLimits
 from safejudge.shipped import CONSTITUTIONS
 
@@ -156,28 +156,13 @@ def _announce_demo_models(directory: Path) -> None:
             )
 
 
-# The models of `serve`, and of `judge --local`.
-MLLM_OPTION = typer.Option(
-    DEMO_SPEC,
-    help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
-)
-RELEVANCE_OPTION = typer.Option(
-    "auto", help="relevance encoder: auto (matches --mllm) | onnx:<dir> | tiny:clip | demo:toy | none"
-)
-DETECTOR_OPTION = typer.Option(
-    "auto", help="Strategy 2 detector: auto (matches --mllm) | owlv2:<hub id or dir> | tiny:owlv2 | demo:toy | none"
-)
-DTYPE_OPTION = typer.Option("float32", help="float32 | bfloat16")
-CONSTITUTIONS_OPTION = typer.Option(Path("constitutions"), help="directory of constitution YAML files")
-
-
 def _optional_spec(value: str | None) -> str | None:
     return None if value is None or value.lower() == "none" else value
 
 
-# The model flags of `serve`, shared with `explain --local`.
+# The model flags of `serve`, shared with `judge --local` and `explain --local`.
 MLLM_OPTION = typer.Option(
-    "demo:toy",
+    DEMO_SPEC,
     help="MLLM: demo:toy (toy-world demo) | hf:<hub id or dir> | tiny:qwen2-vl | tiny:idefics3 | trtllm:<dir> (GPU)",
 )
 RELEVANCE_OPTION = typer.Option(
@@ -338,9 +323,7 @@ def serve(
 
 
 def _validation_message(exc) -> str:
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-    )
+    return validation_summary(exc, "settings")
 
 
 @build_app.command("constitution")
@@ -397,7 +380,6 @@ def _read_token(path: Path) -> str:
 
 
 DEFAULT_URL = "127.0.0.1:8001"
-CONSTITUTION_OPTION = typer.Option(..., "--constitution", "-c", help="name of a constitution the server serves")
 TIMEOUT_OPTION = typer.Option(120.0, help="seconds per image")
 RETRIES_OPTION = typer.Option(None, min=0, help="extra attempts while the server is unavailable (default 6)")
 TOKEN_FILE_OPTION = typer.Option(None, "--token-file", help="file holding the server's access token")
@@ -483,7 +465,7 @@ def judge(
     from pydantic import ValidationError
 
     from safejudge import batch
-    from safejudge.backends.registry import ModelSpecError, coherent_spec
+    from safejudge.backends.registry import ModelSpecError
 
     # By name: typer ships its own copy of click, whose ParameterSource is not click's.
     misplaced = [
@@ -501,7 +483,7 @@ def judge(
     try:
         inputs = batch.expand_inputs(images, sys.stdin)
         if local:
-            spec, notes = coherent_spec(mllm, _optional_spec(relevance), _optional_spec(detector), dtype=dtype)
+            spec, notes = _model_spec(mllm, relevance, detector, dtype)
             for note in notes:
                 typer.echo(note, err=True)
             if spec.mllm.startswith("demo:"):

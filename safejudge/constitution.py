@@ -249,6 +249,14 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
         raise ConstitutionError("\n".join(messages)) from exc
 
 
+def validation_summary(exc: ValidationError, whole: str = "value") -> str:
+    """A pydantic error as one readable line: each `field.path: reason`, `whole` naming an error of the
+    whole object."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
+
+
 def load_constitution(path: str | Path) -> Constitution:
     path = Path(path)
     try:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from safejudge.evaluators import JudgeOptions, judge_frames, strategy2_view
-from safejudge.images import DEFAULT_FRAMES, DecodedImage, decode_image
+from safejudge.images import DecodedImage, decode_image
 from safejudge_client.verdict import (
     DecidedBy,
     Explanation,
@@ -44,11 +44,6 @@ INLINE_PNG_MAX_PIXELS = 1_000_000  # larger images are embedded as JPEG, which k
 
 class ExplainError(ValueError):
     """A verdict that cannot be explained: no explanation in it, or frames that do not match the image."""
-
-
-def decode(data: bytes, frames: int = DEFAULT_FRAMES) -> DecodedImage:
-    """The image as the engine judges it (decoded, upright, RGB, frames sampled)."""
-    return decode_image(data, frames=frames)
 
 
 def explanation_of(verdict: Verdict) -> Explanation:
@@ -291,7 +286,7 @@ def explain_local(data: bytes, constitution: str, spec: ModelSpec, constitutions
 
     models = load_models(spec)
     compiled = ConstitutionStore(constitutions, models).get(constitution)
-    decoded = decode(data)
+    decoded = decode_image(data)
     verdict = judge_frames(
         decoded.frames, compiled, models, JudgeOptions(explain=True),
         frame_indices=decoded.frame_indices, frame_count=decoded.frame_count,
@@ -302,4 +297,4 @@ def explain_local(data: bytes, constitution: str, spec: ModelSpec, constitutions
 def explain_served(data: bytes, constitution: str, client: JudgeClient) -> Explained:
     """Ask a server for the explained verdict; the frames are decoded here, sampled as the server sampled them."""
     verdict = client.judge(data, constitution, JudgeOptions(explain=True))
-    return Explained(verdict, judged_frames(verdict, decode(data, frames=len(verdict.frames_judged))))
+    return Explained(verdict, judged_frames(verdict, decode_image(data, frames=len(verdict.frames_judged))))

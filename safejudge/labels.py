@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from safejudge.constitution import Constitution
+from safejudge.constitution import Constitution, validation_summary
 from safejudge.evaluation import BenchError, BenchItem
 
 CSV_COLUMNS = ("path", "unsafe", "rules", "split")
@@ -105,7 +105,7 @@ def load_labelled(images: Path, labels: Path, constitution: Constitution) -> lis
         try:
             record = LabelRecord.model_validate(raw)
         except ValidationError as exc:
-            raise BenchError(f"{where}: {_problems(exc)}") from None
+            raise BenchError(f"{where}: {validation_summary(exc, 'record')}") from None
         unknown = [rule for rule in record.rules if rule not in known]
         if unknown:
             raise BenchError(
@@ -125,7 +125,3 @@ def load_labelled(images: Path, labels: Path, constitution: Constitution) -> lis
     return items
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-    )

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance
+from safejudge.constitution import validation_summary
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, ImageLimits, decode_image
 from safejudge.merging import CallMerger, Outcome, RequestMLLM
@@ -126,12 +127,6 @@ def stage_parameters(model_config_json: str) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
-def _readable(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-    )
-
-
 class RequestLimits(BaseModel):
     """What one served request may ask for, and what it gets when it does not say (serve flags)."""
 
@@ -151,7 +146,7 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
     try:
         options = JudgeOptions() if raw is None else JudgeOptions.model_validate_json(raw)
     except ValidationError as exc:
-        raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {_readable(exc)}") from exc
+        raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {validation_summary(exc)}") from exc
     if limits is None:
         return options
     frames = limits.frames if options.frames is None else options.frames
