@@ -256,6 +256,8 @@ class PlannedMLLM:
         self.mllm = mllm
         self.model_id = mllm.model_id
         self.fingerprint = mllm.fingerprint
+        # The engine's default schedule is the backend's preference: keep it visible through the wrapper.
+        self.preferred_schedule = getattr(mllm, "preferred_schedule", None)
         self.priors = priors
         self.thresholds = thresholds
         self._plans: dict[int, tuple[Image.Image, ImagePlan]] = {}  # by id(): hashing pixels per call costs

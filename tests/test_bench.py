@@ -23,6 +23,7 @@ from safejudge.bench import (
 from safejudge.cli import app
 from safejudge.constitution import Thresholds, load_constitution
 from safejudge.decision import quick_decision
+from safejudge.evaluators import JudgeOptions
 from safejudge.shipped import PROJECT_ROOT
 from safejudge_client.verdict import Outcome, Verdict
 
@@ -66,7 +67,8 @@ def test_planned_outcomes_stop_the_loop_early_in_the_best_case(small_bench):
         "loop_forward_passes"]
     # In the worst case the loop asks every question: the engine runs exactly the loop's needed minimum.
     assert regimes["worst"]["tokens_vs_loop_minimum"] == pytest.approx(1.0)
-    assert regimes["best"]["tokens_vs_loop_minimum"] > 1.15  # the engine asks everything (until adaptive schedules)
+    # The engine's default on this backend (waves) asks only what can still change the verdict.
+    assert regimes["best"]["tokens_vs_loop_minimum"] <= 1.15
 
 
 def test_report_states_regimes_goals_and_plots(small_bench):
@@ -160,3 +162,7 @@ def test_planned_mllm_runs_the_real_call_and_replaces_only_image_scores():
     assert backend.calls == [(True, ["a", "b"]), (False, ["a"])] and planned.asked[id(image)] == ["a", "b"]
     with pytest.raises(PlanError, match="an image without a plan"):
         planned.score(Image.new("RGB", (8, 8)), ["a"])
+    # The engine's default schedule is still the backend's own.
+    assert JudgeOptions().schedule_for(planned) == "all"
+    Backend.preferred_schedule = "waves"
+    assert JudgeOptions().schedule_for(PlannedMLLM(backend, {}, thresholds)) == "waves"
