@@ -45,7 +45,7 @@ from safejudge.decision import (
     quick_decision,
     strategy2_decision,
 )
-from safejudge.images import box_area_fraction, crop_region, remove_region
+from safejudge.images import box_area_fraction, crop_region, pixel_digest, remove_region
 from safejudge_client.verdict import (
     DecidedBy,
     Explanation,
@@ -542,7 +542,7 @@ def judge_frames(
     seen: dict[bytes, _FrameResult] = {}
     for position, frame in enumerate(frames):
         # Animations often repeat a frame (a still GIF, a loop's end): judge its pixels once.
-        key = frame.tobytes() if len(frames) > 1 else b""
+        key = pixel_digest(frame) if len(frames) > 1 else b""
         if key not in seen:
             embedding = None if image_embeddings is None else image_embeddings[position]
             seen[key] = _judge_frame(frame, compiled, models, options, thresholds, counter, clock, embedding)

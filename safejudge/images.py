@@ -3,6 +3,7 @@ Strategy 2 (Pillow)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import struct
@@ -54,6 +55,13 @@ def sample_frame_indices(frame_count: int, frames: int) -> list[int]:
         return [0]
     # The spacing exceeds 1, so rounding never merges two indices.
     return [round(i * (frame_count - 1) / (frames - 1)) for i in range(frames)]
+
+
+def pixel_digest(image: Image.Image) -> bytes:
+    """SHA-256 of an image's mode, size and pixels: equal only for images that look the same."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), frames: int = DEFAULT_FRAMES) -> DecodedImage:

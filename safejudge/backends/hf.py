@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -45,7 +44,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from safejudge.backends.base import MLLMStats
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.fingerprint import hf_fingerprint
-from safejudge.images import conform
+from safejudge.images import conform, pixel_digest
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 T = TypeVar("T")
@@ -103,11 +102,7 @@ class _Prefix:
 
 
 def _image_digest(image: Image.Image | None) -> str:
-    if image is None:
-        return "none"
-    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
+    return "none" if image is None else pixel_digest(image).hex()
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

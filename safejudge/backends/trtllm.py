@@ -38,7 +38,6 @@ Nothing here imports tensorrt_llm, torch or transformers at import time: CPU mac
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
@@ -58,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from safejudge.decision import yes_no_token_ids, yes_probability
 from safejudge.fingerprint import hf_fingerprint
-from safejudge.images import conform
+from safejudge.images import conform, pixel_digest
 from safejudge.prompts import chat_messages, reasoning_turns, yes_no_question
 
 logger = logging.getLogger(__name__)
@@ -374,9 +373,7 @@ def image_hash_key(image: Image.Image) -> list[int]:
 
     Mode and size are hashed with the pixels, so two images whose bytes happen to agree never share a key.
     """
-    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
-    return [int(v) for v in np.frombuffer(digest.digest(), dtype="<i4")]
+    return [int(v) for v in np.frombuffer(pixel_digest(image), dtype="<i4")]
 
 
 def expanded_prefix_length(encoded_ids: Sequence[int], question_ids: Sequence[int], image_token_id: int,
@@ -846,14 +843,14 @@ class TRTLLMVisionLanguageModel:
         """The DisaggregatedParams of every request (None for those without an image, and on per_question)."""
         if encoding is None:
             return [[None] * len(group) for group in groups]
-        return [
-            [None] * len(group) if image is None
-            else [
-                self._question_params(encoding.images[tuple(image_hash_key(image))], r["prompt"], encoding.keep)
-                for r in group
-            ]
-            for group, image in zip(groups, images, strict=True)
-        ]
+        params = []
+        for group, image in zip(groups, images, strict=True):
+            if image is None or not group:
+                params.append([None] * len(group))
+                continue
+            encoded = encoding.images[tuple(image_hash_key(image))]  # hashed once per image, not per question
+            params.append([self._question_params(encoded, r["prompt"], encoding.keep) for r in group])
+        return params
 
     # -- engine calls ----------------------------------------------------------------------------------
 
