@@ -46,7 +46,6 @@ class ScriptedMLLM:
 class ScriptedDetector:
     boxes: dict[str, Detection | None]
     model_id: str = "scripted-detector"
-    fingerprint: str = "sha256:scripted-detector"
     calls: int = 0
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:

@@ -97,10 +97,10 @@ class Detection:
 
 @runtime_checkable
 class Detector(Protocol):
-    """Open-vocabulary detector for the central object of a precondition (Strategy 2)."""
+    """Open-vocabulary detector for the central object of a precondition (Strategy 2). It keys no cache
+    (compiled constitutions do not depend on it), so it needs no fingerprint."""
 
     model_id: str
-    fingerprint: str
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         """The most confident box for each word, or None when nothing was found."""

@@ -169,7 +169,6 @@ class DemoDetector:
 
     def __init__(self, directory: Path = DEMO_MODELS, threads: int = 1):
         (self.session,) = _sessions(directory, self.FILES, threads)
-        self.fingerprint = _fingerprint(directory, self.FILES)
 
     def detect(self, image: Image.Image, words: Sequence[str]) -> list[Detection | None]:
         channels = []

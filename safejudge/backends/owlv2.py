@@ -11,7 +11,6 @@ from transformers import Owlv2ForObjectDetection, Owlv2Processor
 from transformers.image_transforms import center_to_corners_format
 
 from safejudge.backends.base import Detection
-from safejudge.fingerprint import hf_fingerprint
 from safejudge.images import conform
 
 # transformers guesses the channel axis of an image 1 or 3 pixels wide (rightly, with a warning per
@@ -26,11 +25,10 @@ OWLV2_MAX_SIDE_FACTOR = 2
 class Owlv2Detector:
     """Detector protocol on transformers' Owlv2ForObjectDetection (all words in one forward)."""
 
-    def __init__(self, model: Owlv2ForObjectDetection, processor: Owlv2Processor, model_id: str, fingerprint: str):
+    def __init__(self, model: Owlv2ForObjectDetection, processor: Owlv2Processor, model_id: str):
         self.model = model
         self.processor = processor
         self.model_id = model_id
-        self.fingerprint = fingerprint
 
     @classmethod
     def from_pretrained(
@@ -44,7 +42,6 @@ class Owlv2Detector:
             model,
             Owlv2Processor.from_pretrained(source),
             model_id=model_id or f"owlv2:{source}",
-            fingerprint=hf_fingerprint(source),
         )
 
     def _bounded(self, image: Image.Image) -> Image.Image:
