@@ -14,8 +14,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -70,17 +71,22 @@ def _read_memo(path: Path) -> _Memo:
         return _Memo()
 
 
-def _write_memo(path: Path, memo: _Memo) -> None:
-    """Atomically (temporary file + rename): a concurrent reader sees the old memo or the new one."""
+def atomic_write(path: Path, write: Callable[[IO], object], mode: str = "wb", suffix: str = "") -> None:
+    """write(handle) into a temporary file beside `path`, then rename it over `path`: a concurrent reader
+    sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(memo.model_dump_json())
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_memo(path: Path, memo: _Memo) -> None:
+    atomic_write(path, lambda handle: handle.write(memo.model_dump_json()), "w")
 
 
 def _file_sha256(path: Path) -> str:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +34,7 @@ from safejudge.backends.base import MLLM, Models, RelevanceEncoder
 from safejudge.calibration import CALIBRATION_SUFFIX, Calibration
 from safejudge.compiled import CompiledConstitution, compile_constitution
 from safejudge.constitution import Constitution, ConstitutionError, load_constitution
-from safejudge.fingerprint import cache_root
+from safejudge.fingerprint import atomic_write, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +93,6 @@ class CompiledFileError(ValueError):
 def save_compiled(compiled: CompiledConstitution, path: str | Path) -> Path:
     """Write atomically (temporary file + rename), so concurrent readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = _CompiledHeader(
         format_version=COMPILED_FORMAT_VERSION,
         constitution=compiled.constitution,
@@ -108,14 +105,7 @@ def save_compiled(compiled: CompiledConstitution, path: str | Path) -> Path:
     arrays = {"header": np.array(header.model_dump_json())}
     if compiled.rule_embeddings is not None:
         arrays["rule_embeddings"] = np.asarray(compiled.rule_embeddings, dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.savez(handle, **arrays), suffix=".npz")
     return path
 
 
