@@ -255,6 +255,11 @@ class StageSupervisor(threading.Thread):
         self.on_event(f"stage {model} restored in {recovery.seconds:.1f} s")
 
 
+def _connectable(host: str) -> str:
+    """The address a local client reaches a server on that binds `host` (a wildcard: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 class TritonServer:
     """One tritonserver process: prepare, start, wait until ready, supervise, stop, clean up.
 
@@ -290,7 +295,7 @@ class TritonServer:
         self.template_values = dict(template_values or {})
         self.host = host
         self.http_host = http_host or host
-        bind_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        bind_host = _connectable(host)
         self.grpc_port = grpc_port or free_port(bind_host)
         self.http_port = http_port or free_port(bind_host)
         self.metrics_port = metrics_port or free_port(bind_host)
@@ -306,7 +311,7 @@ class TritonServer:
         self.admin_key = secrets.token_urlsafe(24)
         self.supervisor: StageSupervisor | None = None
         self.supervise = supervise
-        self._http_connect_host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        self._http_connect_host = _connectable(self.http_host)
         self.shm_prefix = f"safejudge_{uuid.uuid4().hex[:12]}_"
         self.run_dir: Path | None = None
         self.process: subprocess.Popen | None = None

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 from tritonclient.utils import InferenceServerException
 
 from safejudge.pipeline import JudgeStageSettings
-from safejudge_client.client import BearerToken
+from safejudge_client.client import DEFAULT_MODEL, BearerToken
 
-MODELS = ("safety_judge",)
+MODELS = (DEFAULT_MODEL,)
 
 
 class ModelStatus(BaseModel):

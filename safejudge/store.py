@@ -198,13 +198,13 @@ class ConstitutionCompiling(Exception):
 _Signature = tuple[int, int, int]  # mtime_ns, size, inode
 
 
-def _signature(path: Path) -> tuple[_Signature, int] | None:
-    """The file's signature and mtime_ns; None if it is gone (deleted between listing and stat)."""
+def _signature(path: Path) -> _Signature | None:
+    """The file's signature; None if it is gone (deleted between listing and stat)."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino), stat.st_mtime_ns
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 @dataclass
@@ -395,10 +395,9 @@ class ConstitutionStore:
 
     def _reread(self, path: Path, source: _Source) -> bool:
         """Read the file again if it changed and has settled; True when it was read."""
-        stat = _signature(path)
-        if stat is None:
+        signature = _signature(path)
+        if signature is None:
             return False
-        signature, mtime_ns = stat
         if source.signature == signature:
             source.pending = None
             return False
@@ -407,7 +406,7 @@ class ConstitutionStore:
             source.pending = (signature, now)
         # Unchanged for settle_s: by the mtime (so a restart reads old files at once) or by our own clock
         # since we first saw this signature (so a file with an mtime in the future is read all the same).
-        age = max(time.time() - mtime_ns / 1e9, now - source.pending[1])
+        age = max(time.time() - signature[0] / 1e9, now - source.pending[1])
         if age < self.settle_s:
             self._settling[path] = now + self.settle_s - age
             return False
@@ -415,7 +414,7 @@ class ConstitutionStore:
             constitution, error = load_constitution(path), None
         except ConstitutionError as exc:
             constitution, error = None, exc
-        if _signature(path) != stat:  # written again while it was read: read it once it settles
+        if _signature(path) != signature:  # written again while it was read: read it once it settles
             self._settling[path] = now + self.settle_s
             return False
         source.signature, source.pending = signature, None
