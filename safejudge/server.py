@@ -175,12 +175,18 @@ class Recovery:
         return None if self.restored_at is None else self.restored_at - self.died_at
 
 
-def _process_state(pid: int) -> str | None:
-    """The state letter of /proc/<pid>/stat (Z: zombie), None when the process is gone."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...); None when gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (Z: zombie), None when the process is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def stub_processes(server_pid: int) -> dict[int, str]:
@@ -189,10 +195,12 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        stat = _stat_fields(entry.name)
+        if stat is None:
+            continue
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
+        except OSError:
             continue
         # argv: <stub> <model dir>/<version>/model.py <shm region> ... <instance name> <...>
         if int(stat[1]) == server_pid and stat[0] != "Z" and argv[0].endswith(STUB_NAME.encode()) and len(argv) > 1:
@@ -225,8 +233,10 @@ class StageSupervisor(threading.Thread):
             stubs = stub_processes(process.pid)
             while not self.stopping.wait(self.poll_s) and process.poll() is None:
                 dead = {pid: model for pid, model in stubs.items() if _process_state(pid) in (None, "Z")}
-                for model in dict.fromkeys(dead.values()):
-                    pid = next(p for p, m in dead.items() if m == model)
+                first_dead: dict[str, int] = {}
+                for pid, model in dead.items():
+                    first_dead.setdefault(model, pid)
+                for model, pid in first_dead.items():
                     self._restore(client, headers, model, pid)
                 if dead:
                     stubs = stub_processes(process.pid)
