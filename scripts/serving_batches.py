@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import tempfile
@@ -24,27 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 # As the launcher sets it for the stages: busy-waiting OpenMP threads starve everything else on a few cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"relevance_filter": False, "max_reasoning_calls": 0}
-
-
-def images(count: int, size: int) -> list[bytes]:
-    """Distinct PNGs: smooth colour fields with noise."""
-    rng = np.random.default_rng(0)
-    axis = np.linspace(0.0, 1.0, size, dtype=np.float32)
-    encoded = []
-    for _ in range(count):
-        colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-        field = axis[None, :, None] * colours[0] + axis[:, None, None] * colours[1]
-        pixels = np.clip(field * 0.7 + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,12 +64,9 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
     reference (in process), so that both see the same machine load."""
     import tritonclient.grpc.aio as grpcclient
 
-    def tensor(name: str, value: bytes):
-        t = grpcclient.InferInput(name, [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[value]], dtype=object))
-        return t
+    from safejudge_client.client import build_inputs
 
-    options = json.dumps(OPTIONS).encode()
+    inputs = [build_inputs(image, constitution, OPTIONS) for image in data]  # built once, outside the timing
 
     async with grpcclient.InferenceServerClient(url) as client:
 
@@ -98,9 +78,7 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
 
         async def judge(index: int) -> float:
             started = time.perf_counter()
-            inputs = [tensor("IMAGE", data[index % len(data)]), tensor("CONSTITUTION", constitution.encode()),
-                      tensor("OPTIONS", options)]
-            await client.infer("safety_judge", inputs, client_timeout=600)
+            await client.infer("safety_judge", inputs[index % len(inputs)], client_timeout=600)
             return time.perf_counter() - started
 
         await judge(0)  # compiles the constitution on the server
@@ -160,7 +138,9 @@ def main() -> None:
     spec = coherent_spec(args.mllm, threads=args.threads)[0]
     if args.companions == "none":
         spec = spec.model_copy(update={"relevance": None, "detector": None})
-    data = images(args.images, args.size)
+    from safejudge.bench import bench_images, png_bytes
+
+    data = [png_bytes(image) for image in bench_images(args.images, args.size)]
     levels = [int(level) for level in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="serving-batches-") as directory:
         constitutions = Path(directory, "constitutions")
