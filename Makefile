@@ -3,8 +3,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test demo
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh
+# safejudge/perf.py pins what the set-up installs for perf_analyzer.
+$(VENV)/.installed: pyproject.toml scripts/setup.sh safejudge/perf.py
+	VENV=$(VENV) bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest -q

@@ -951,7 +951,8 @@ def perf_analyzer(
     results: Path = typer.Option(Path("benchmarks/RESULTS.md"), help="Markdown file the report is appended to"),
     note: str = typer.Option(None, help="printed beside the numbers, e.g. 'shared machine, others training'"),
 ) -> None:
-    """Triton's perf_analyzer (2.51, fetched into the cache on first use) against `safety_judge`."""
+    """Triton's perf_analyzer 2.51 against `safety_judge` (installed by the set-up: scripts/setup.sh, or
+    `python -m safejudge.perf install`)."""
     import signal
 
     from pydantic import ValidationError

