@@ -329,11 +329,12 @@ def in_process(
             raise BatchError(str(exc)) from exc
 
         def judge(path: Path) -> Verdict:
-            request = JudgeRequest(path.read_bytes(), constitution.encode(), raw_options, round(timeout_s * 1e6))
+            request = JudgeRequest.single(path.read_bytes(), constitution.encode(), raw_options,
+                                          timeout_us=round(timeout_s * 1e6))
             (answer,) = stage.answer([request])
             if isinstance(answer, Fault):
                 raise from_triton(InferenceServerException(answer.message, status=answer.code.value), timeout_s)
-            return Verdict.model_validate_json(answer)
+            return Verdict.model_validate_json(answer[0])
 
         yield Judging("in-process judge", lambda path: asyncio.to_thread(judge, path), concurrency=1)
 

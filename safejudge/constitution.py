@@ -42,6 +42,29 @@ class Thresholds(BaseModel):
             return self
         return Thresholds.model_validate({**self.model_dump(), **overrides})
 
+    def loosened_by(self, overrides: dict[str, float]) -> list[str]:
+        """The overrides that make the judgement more lenient than these thresholds (STRICTER_WHEN), each as
+        `name: new (from base)`."""
+        loosened = []
+        for name, value in overrides.items():
+            base = getattr(self, name)
+            direction = STRICTER_WHEN[name]
+            if value != base and (direction == "never" or (value > base) == (direction == "lower")):
+                loosened.append(f"{name}: {value:g} (this constitution's is {base:g})")
+        return loosened
+
+
+# Which change of each threshold makes the judgement stricter (more preconditions hold, more rules checked),
+# from the tests of safejudge/decision.py and safejudge/evaluators.py. "never": no direction is stricter.
+STRICTER_WHEN: dict[str, str] = {
+    "alpha1_factor": "lower",  # fails only if M - M0 < alpha1_factor * M0: lower fails fewer
+    "alpha2_factor": "lower",  # holds if M - M0 > alpha2_factor * (1 - M0): lower holds more
+    "beta": "lower",  # holds if removing the central object drops M by more than beta
+    "relevance": "lower",  # a rule is checked iff cos > relevance
+    "detector_confidence": "never",  # a box enables the beta test (may hold) but also the crop (may fail)
+    "crop_area_fraction": "never",  # decides between the removed view and the crop: neither is stricter
+}
+
 
 class Precondition(BaseModel):
     """One yes/no visible-content statement, with the paper's optional central-object word."""

@@ -106,10 +106,11 @@ def record_verdict(sink: MetricSink, verdict: Verdict, seconds: float) -> None:
     sink.observe("safejudge_judge_seconds", constitution, seconds)
 
 
-def record_error(sink: MetricSink, kind: str, constitution: str | None, seconds: float) -> None:
+def record_error(sink: MetricSink, kind: str, constitution: str, seconds: float) -> None:
+    """kind: a fault code; constitution: a served name or the stage's one label for any other (never the
+    request's own string: labels must come from a bounded set)."""
     sink.add("safejudge_request_errors_total", {"kind": kind})
-    if constitution is not None:
-        sink.observe("safejudge_judge_seconds", {"constitution": constitution}, seconds)
+    sink.observe("safejudge_judge_seconds", {"constitution": constitution}, seconds)
 
 
 class ConstitutionGauge:

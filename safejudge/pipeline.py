@@ -1,17 +1,21 @@
 """The served stage's logic, free of Triton: model_repository/safety_judge/1/model.py only moves tensors into
 and out of JudgeStage and turns a Fault into the matching Triton error.
 
-    safety_judge  IMAGE, CONSTITUTION, OPTIONS? -> VERDICT   decode and validate the image, sample its frames,
-                  relevance, the CLUE engine (judge_frames) with the MLLM in the same process; a dynamic
-                  batch of requests is judged side by side, their MLLM calls merged (safejudge.merging)
+    safety_judge  IMAGE, CONSTITUTION, OPTIONS? [N, 1] -> VERDICT [N, 1]   per row: decode and validate the
+                  image, sample its frames, relevance, the CLUE engine (judge_frames) with the MLLM in the same
+                  process; the rows of a dynamic batch of requests are judged side by side, their MLLM calls
+                  merged (safejudge.merging)
 
 Every request is answered on its own: a request's fault is INVALID_ARGUMENT, an overloaded, restarting or
 expired state is UNAVAILABLE, a cancelled request CANCELLED, and anything else INTERNAL with a message; the
-other requests of the same batch are unaffected.
+other requests of the same batch are unaffected. A request of N rows gets N verdicts in row order, or one
+error naming the row that caused it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from safejudge.backends.base import MLLM, Models, UnsupportedQuestion
 from safejudge.backends.registry import ModelSpec, load_detector, load_mllm, load_relevance
-from safejudge.constitution import validation_summary
+from safejudge.constitution import Thresholds, validation_summary
 from safejudge.evaluators import JudgeOptions, judge_frames
 from safejudge.images import ImageError, ImageLimits, decode_image
 from safejudge.merging import CallMerger, Outcome, RequestMLLM
@@ -45,15 +49,22 @@ class FaultCode(str, Enum):
     UNAVAILABLE = "UNAVAILABLE"  # overloaded, restarting, expired: retry later
     CANCELLED = "CANCELLED"  # the client cancelled the request
     INTERNAL = "INTERNAL"  # a fault of the server
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # the server requires a token and the request had none or a wrong one
 
 
-# Fault code -> the name of pb_utils.TritonError's code (model.py files look it up there).
+# Fault code -> the name of pb_utils.TritonError's code (model.py files look it up there). The Python backend
+# has no UNAUTHENTICATED: a refused token is answered as Triton answers it for every other protocol
+# (UNAVAILABLE, "This protocol is restricted ..."), which safejudge_client raises as AuthenticationError.
 TRITON_ERROR_CODES = {
     FaultCode.INVALID_ARGUMENT: "INVALID_ARG",
     FaultCode.UNAVAILABLE: "UNAVAILABLE",
     FaultCode.CANCELLED: "CANCELLED",
     FaultCode.INTERNAL: "INTERNAL",
+    FaultCode.UNAUTHENTICATED: "UNAVAILABLE",
 }
+# Request metadata that may carry the token: the standard gRPC / HTTP header, and the one Triton's
+# --grpc-restricted-protocol checks. The launcher forwards them to the stage (safejudge/server.py).
+CREDENTIAL_HEADERS = ("authorization", "triton-grpc-protocol-authorization")
 
 
 class StageFault(Exception):
@@ -76,6 +87,10 @@ class Unavailable(StageFault):
 
 class Cancelled(StageFault):
     code = FaultCode.CANCELLED
+
+
+class Unauthenticated(StageFault):
+    code = FaultCode.UNAUTHENTICATED
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,14 @@ class RequestLimits(BaseModel):
     reasoning_calls: int = Field(8, ge=0, description="reasoning calls per image unless a request says otherwise")
     max_request_reasoning_calls: int = Field(64, ge=0)
     request_timeout_s: float = Field(60.0, gt=0, description="deadline of a request that brings none")
+    allow_lenient_options: bool = Field(
+        False,
+        description="let requests make the judgement more lenient than the constitution (fail_closed: false, "
+        "strategy2: false, a threshold moved in its lenient direction); by default only stricter overrides",
+    )
+
+
+LENIENT_FLAG = "--allow-lenient-options"
 
 
 def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> JudgeOptions:
@@ -149,6 +172,10 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
         raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {validation_summary(exc)}") from exc
     if limits is None:
         return options
+    if not limits.allow_lenient_options:
+        lenient = [f"{name}: false" for name in ("fail_closed", "strategy2") if not getattr(options, name)]
+        if lenient:
+            raise InvalidRequest(_lenient_message(lenient))
     frames = limits.frames if options.frames is None else options.frames
     reasoning = limits.reasoning_calls if options.max_reasoning_calls is None else options.max_reasoning_calls
     if frames > limits.max_request_frames:
@@ -159,6 +186,40 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
             f"{limits.max_request_reasoning_calls}"
         )
     return options.model_copy(update={"frames": frames, "max_reasoning_calls": reasoning})
+
+
+def _lenient_message(lenient: list[str]) -> str:
+    return (f"OPTIONS {'; '.join(lenient)} would judge more leniently than this server's policy; "
+            f"the operator allows that with `safejudge serve {LENIENT_FLAG}`")
+
+
+def check_thresholds(options: JudgeOptions, base: Thresholds, limits: RequestLimits) -> None:
+    """Refuse threshold overrides that loosen the constitution's (calibrated) thresholds, unless allowed."""
+    loosened = [] if limits.allow_lenient_options else base.loosened_by(options.thresholds)
+    if loosened:
+        raise InvalidRequest(_lenient_message([f"thresholds.{change}" for change in loosened]))
+
+
+def credential_values(parameters_json: str) -> tuple[str, ...]:
+    """The values of every credential header in a request's parameters (Triton's JSON, where a forwarded
+    header and a parameter of the same name both appear)."""
+    pairs = json.loads(parameters_json or "{}", object_pairs_hook=list)
+    return tuple(value for key, value in pairs if key.lower() in CREDENTIAL_HEADERS and isinstance(value, str))
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def authenticated(credentials: Sequence[str], digest: str) -> bool:
+    """Whether any credential is `Bearer <the token>`; compared as SHA-256 digests, in constant time."""
+    expected = bytes.fromhex(digest)
+    found = False
+    for value in credentials:
+        scheme, _, token = value.strip().partition(" ")
+        matches = hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), expected)
+        found |= matches and scheme.lower() == "bearer"
+    return found
 
 
 def _text(value: bytes, name: str) -> str:
@@ -177,17 +238,44 @@ class JudgeStageSettings(BaseModel):
     constitutions: Path
     cache_dir: Path
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    token_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="requests must carry `Bearer <token>` with this SHA-256"
+    )
 
 
 @dataclass(frozen=True)
-class JudgeRequest:
-    """One request's inputs as the stage takes them."""
+class JudgeRow:
+    """One image of a request, with its constitution and options."""
 
     image: bytes
     constitution: bytes
     options: bytes | None = None
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One request as the stage takes it: its rows (the batch dimension of its inputs) and its metadata."""
+
+    rows: tuple[JudgeRow, ...]
     timeout_us: int = 0  # Triton's `timeout` request parameter; 0: the server's default
     request_id: str = ""
+    credentials: tuple[str, ...] = ()  # credential_values of its parameters
+
+    @classmethod
+    def single(cls, image: bytes, constitution: bytes, options: bytes | None = None, **metadata) -> JudgeRequest:
+        return cls((JudgeRow(image, constitution, options),), **metadata)
+
+    @classmethod
+    def from_arrays(cls, images, constitutions, options=None, **metadata) -> JudgeRequest:
+        """From the [N, 1] arrays of a Triton request (OPTIONS may be absent)."""
+        rows = tuple(
+            JudgeRow(images[i, 0], constitutions[i, 0], None if options is None else options[i, 0])
+            for i in range(len(images))
+        )
+        return cls(rows, **metadata)
+
+
+UNKNOWN_CONSTITUTION = "(unknown)"  # the metrics label of a name no constitution has: never a valid name
 
 
 class JudgeStage:
@@ -217,29 +305,43 @@ class JudgeStage:
 
     def answer(
         self, requests: Sequence[JudgeRequest], cancelled: Sequence[Callable[[], bool]] = ()
-    ) -> list[str | Fault]:
-        """Verdict JSON or a Fault for each request. cancelled[i]() says whether request i's client gave up;
-        it is called from this thread only, between the merged rounds."""
+    ) -> list[list[str] | Fault]:
+        """For each request, the Verdict JSON of each of its rows (in order) or one Fault. cancelled[i]() says
+        whether request i's client gave up; it is called from this thread only, between the merged rounds."""
         started = time.monotonic()
         flags = [False] * len(requests)
         deadlines = [self.deadline(r.timeout_us, lambda i=i: flags[i]) for i, r in enumerate(requests)]
+        refused = {i: self._refusal(r) for i, r in enumerate(requests)}
+        jobs = [(i, row) for i, r in enumerate(requests) if refused[i] is None for row in r.rows]
 
         def poll() -> None:
             for i, is_cancelled in enumerate(cancelled):
                 flags[i] = flags[i] or is_cancelled()
 
-        outcomes = self.merger.run(
-            [lambda r=r, d=d: self._judge(r, d) for r, d in zip(requests, deadlines, strict=True)], poll
-        )
-        return [self._account(r, started, o) for r, o in zip(requests, outcomes, strict=True)]
+        outcomes = iter(self.merger.run([lambda i=i, row=row: self._judge(row, deadlines[i]) for i, row in jobs], poll))
+        return [
+            self._account(request, started, refused[i] or [next(outcomes) for _ in request.rows])
+            for i, request in enumerate(requests)
+        ]
 
-    def _judge(self, request: JudgeRequest, deadline: Deadline) -> Verdict:
-        """In the request's own thread."""
+    def _refusal(self, request: JudgeRequest) -> Outcome[Verdict] | None:
+        """The outcome of a request refused before any work: a missing or wrong token."""
+        digest = self.settings.token_sha256
+        if digest is None or authenticated(request.credentials, digest):
+            return None
+        error = Unauthenticated(
+            "This protocol is restricted: safety_judge needs the header 'authorization: Bearer <token>' (or "
+            "'triton-grpc-protocol-authorization: Bearer <token>') with this server's token"
+        )
+        return Outcome(error=error, finished=time.monotonic())
+
+    def _judge(self, row: JudgeRow, deadline: Deadline) -> Verdict:
+        """In the row's own thread."""
         limits = self.settings.limits
-        name = _text(request.constitution, "CONSTITUTION")
-        parsed = parse_options(request.options, limits)
+        name = _text(row.constitution, "CONSTITUTION")
+        parsed = parse_options(row.options, limits)
         try:
-            decoded = decode_image(request.image, limits.image, frames=parsed.frames)
+            decoded = decode_image(row.image, limits.image, frames=parsed.frames)
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from exc
         try:
@@ -248,6 +350,7 @@ class JudgeStage:
             raise InvalidRequest(str(exc)) from exc
         except ConstitutionCompiling as exc:
             raise Unavailable(str(exc)) from exc
+        check_thresholds(parsed, compiled.constitution.thresholds, limits)
         deadline.check("judging")
         models = Models(RequestMLLM(self.merger, deadline.check), self.relevance, self.detector)
         return judge_frames(
@@ -255,30 +358,55 @@ class JudgeStage:
             frame_indices=decoded.frame_indices, frame_count=decoded.frame_count,
         )
 
-    def _account(self, request: JudgeRequest, started: float, outcome: Outcome[Verdict]) -> str | Fault:
+    def _account(
+        self, request: JudgeRequest, started: float, outcomes: Outcome[Verdict] | list[Outcome[Verdict]]
+    ) -> list[str] | Fault:
+        """The answer to one request (its rows' verdicts, or one Fault naming the row that failed it), logged
+        and counted: each verdict of an answered request, or the request's one error."""
         request_id = request.request_id or uuid.uuid4().hex
-        seconds = outcome.finished - started
-        try:
-            constitution = request.constitution.decode()
-        except UnicodeDecodeError:
-            constitution = None
-        event = {"request_id": request_id, "constitution": constitution, "ms": round(seconds * 1000, 1)}
-        if outcome.error is None:
-            verdict = outcome.value
-            verdict.request_id = request_id
-            event |= {"event": "verdict", "safe": verdict.safe, "violations": verdict.violated_rule_ids,
-                      "frames": len(verdict.frames_judged), "mllm_calls": verdict.mllm_calls,
-                      "reasoning_calls": verdict.reasoning_calls}
-            answer: str | Fault = verdict.model_dump_json()
-        else:
-            answer = fault_of(outcome.error)
-            event |= {"event": "error", "kind": answer.code.value, "message": answer.message[:500]}
-        request_log.info("%s", json.dumps(event))
+        rows = len(request.rows)
+        listed = [outcomes] if isinstance(outcomes, Outcome) else outcomes
+        faults = [(row, fault_of(o.error), o) for row, o in enumerate(listed) if o.error is not None]
+        if faults:
+            # A row the client got wrong explains the failure best; else the first row that failed.
+            row, fault, outcome = min(faults, key=lambda f: (f[1].code is not FaultCode.INVALID_ARGUMENT, f[0]))
+            if rows > 1:
+                fault = Fault(fault.code, f"row {row} of {rows}: {fault.message}")
+            constitution = self._constitution_label(request.rows[row].constitution)
+            seconds = outcome.finished - started
+            request_log.info("%s", json.dumps({
+                "request_id": request_id, "constitution": constitution, "ms": round(seconds * 1000, 1),
+                "event": "error", "kind": fault.code.value, "message": fault.message[:500],
+            }))
+            if self.metrics is not None:
+                record_error(self.metrics, fault.code.value, constitution, seconds)
+            return self._gauged(fault)
+        answers = []
+        for row, outcome in enumerate(outcomes):
+            verdict, seconds = outcome.value, outcome.finished - started
+            verdict.request_id = request_id if rows == 1 else f"{request_id}/{row}"
+            request_log.info("%s", json.dumps({
+                "request_id": verdict.request_id, "constitution": verdict.constitution, "ms": round(seconds * 1000, 1),
+                "event": "verdict", "safe": verdict.safe, "violations": verdict.violated_rule_ids,
+                "frames": len(verdict.frames_judged), "mllm_calls": verdict.mllm_calls,
+                "reasoning_calls": verdict.reasoning_calls,
+            }))
+            if self.metrics is not None:
+                record_verdict(self.metrics, verdict, seconds)
+            answers.append(verdict.model_dump_json())
+        return self._gauged(answers)
+
+    def _gauged(self, answer: list[str] | Fault) -> list[str] | Fault:
         if self.metrics is not None:
-            if outcome.error is None:
-                record_verdict(self.metrics, outcome.value, seconds)
-            else:
-                record_error(self.metrics, answer.code.value, constitution, seconds)
             # The request's get() has just read the directory: report that, without another pass over it.
             self.constitution_gauge.update(self.store.status(refresh=False))
         return answer
+
+    def _constitution_label(self, name: bytes) -> str:
+        """A request's constitution as a metrics label: a served name, else UNKNOWN_CONSTITUTION (labels from
+        request strings would let any client add series without bound)."""
+        try:
+            text = name.decode()
+        except UnicodeDecodeError:
+            return UNKNOWN_CONSTITUTION
+        return text if text in self.store.served_names() else UNKNOWN_CONSTITUTION

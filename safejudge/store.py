@@ -278,6 +278,11 @@ class ConstitutionStore:
         with self._lock:
             return sorted(self._refresh())
 
+    def served_names(self) -> frozenset[str]:
+        """The names the last get() or status() found in the directory, without re-reading it."""
+        with self._lock:
+            return frozenset(self._served)
+
     def status(self, refresh: bool = True) -> list[ConstitutionState]:
         """Every constitution file and its compile state (calibrated: thresholds from a calibration file).
         refresh=False reports what the last get() saw, without re-reading the directory."""

@@ -66,7 +66,7 @@ async def drive(url: str, data: list[bytes], constitution: str, levels: list[int
 
     from safejudge_client.client import build_inputs
 
-    inputs = [build_inputs(image, constitution, OPTIONS) for image in data]  # built once, outside the timing
+    inputs = [build_inputs([image], constitution, OPTIONS) for image in data]  # built once, outside the timing
 
     async with grpcclient.InferenceServerClient(url) as client:
 

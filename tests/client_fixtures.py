@@ -1,7 +1,8 @@
 """A real Triton server with a tiny `safety_judge` echo model, for the client library's tests.
 
-The model speaks the production wire format (IMAGE, CONSTITUTION, optional OPTIONS -> VERDICT) but
-judges nothing, so client behaviour is tested without any ML model. What it answers:
+The model speaks the production wire format (IMAGE, CONSTITUTION, optional OPTIONS [N, 1] -> VERDICT [N, 1],
+a failing row failing its request with "row i of N: ...") but judges nothing, so client behaviour is tested
+without any ML model. What it answers for each row:
 - model_id: "<sha256 of the IMAGE bytes received>:<PIL format>:<width>x<height>" (proves the bytes arrived intact)
 - evaluator: the OPTIONS JSON received, or "no-options" when the request had no OPTIONS input
 - constitution "unsafe": one violation (rule "r1"); "reject": INVALID_ARGUMENT; "garbage": a VERDICT that is
@@ -61,9 +62,9 @@ import triton_python_backend_utils as pb_utils
 from PIL import Image
 
 
-def first_string(request, name):
+def row_strings(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+    return None if tensor is None else list(tensor.as_numpy().reshape(-1))
 
 
 class Failure(Exception):  # answered as an error response with this pb_utils.TritonError code
@@ -72,10 +73,8 @@ class Failure(Exception):  # answered as an error response with this pb_utils.Tr
         self.code = code
 
 
-def answer(request):
-    image = first_string(request, "IMAGE")
-    constitution = first_string(request, "CONSTITUTION").decode()
-    options = first_string(request, "OPTIONS")
+def answer(request, image, constitution, options):
+    constitution = constitution.decode()
     if constitution == "slow":
         time.sleep({SLOW_S})
     if constitution == "reject":
@@ -114,13 +113,23 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            images = row_strings(request, "IMAGE")
+            constitutions = row_strings(request, "CONSTITUTION")
+            options = row_strings(request, "OPTIONS") or [None] * len(images)
+            verdicts = np.empty((len(images), 1), dtype=np.object_)
             try:
-                verdict = answer(request)
+                for row, inputs in enumerate(zip(images, constitutions, options)):
+                    try:
+                        verdicts[row, 0] = answer(request, *inputs)
+                    except Failure as exc:
+                        if len(images) > 1:
+                            exc.args = (f"row {{row}} of {{len(images)}}: {{exc}}",)
+                        raise
             except Failure as exc:
                 error = pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, exc.code))
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            tensor = pb_utils.Tensor("VERDICT", np.array([[verdict]], dtype=np.object_))
+            tensor = pb_utils.Tensor("VERDICT", verdicts)
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses
 """

@@ -326,10 +326,51 @@ def test_a_restricted_server_answers_only_requests_with_the_token(restricted_url
     asyncio.run(scenario())
 
 
-def test_judge_many_keeps_the_order_of_the_images(client: JudgeClient) -> None:
-    images = [image_bytes((10 + i, 5), "PNG") for i in range(6)]
-    verdicts = client.judge_many(images, "echo", concurrency=3)
+def request_counts(url: str) -> tuple[int, int]:
+    """(requests answered, images judged) by the server's safety_judge so far (Triton's statistics)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as stats_client:
+        (stats,) = stats_client.get_inference_statistics("safety_judge", as_json=True)["model_stats"]
+    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("inference_count", 0))
+
+
+def test_judge_many_sends_several_images_per_request_and_keeps_their_order(client: JudgeClient, echo_url) -> None:  # noqa: F811
+    images = [image_bytes((10 + i, 5), "PNG") for i in range(11)]
+    before = request_counts(echo_url)
+    verdicts = client.judge_many(images, "echo", concurrency=3)  # the model's max_batch_size: 8
+    after = request_counts(echo_url)
     assert [v.model_id for v in verdicts] == [received(data, f"PNG:{10 + i}x5") for i, data in enumerate(images)]
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 11), "11 images in 2 requests (8 + 3)"
+    assert client.max_batch_size() == 8
+    assert len(client.judge_many(images[:5], "echo", batch_size=2)) == 5
+    assert client.judge_many([], "echo") == []
+
+
+def test_judge_many_names_the_images_of_a_refused_request(client: JudgeClient) -> None:
+    images = [image_bytes((8, 8), "PNG")] * 5
+    images[3] = b"not an image"
+    with pytest.raises(InvalidRequest) as refused:
+        client.judge_many(images, "echo", batch_size=2)
+    assert refused.value.message.startswith("images[2:4]: row 1 of 2: IMAGE is not a decodable image"), refused.value
+
+
+def test_async_judge_many_batches_the_same_way(echo_url: str) -> None:  # noqa: F811
+    images = [image_bytes((10 + i, 5), "PNG") for i in range(9)]
+
+    async def scenario() -> tuple[list[Verdict], tuple[int, int]]:
+        async with AsyncJudgeClient(echo_url, timeout_s=10) as client:
+            assert await client.max_batch_size() == 8
+            with pytest.raises(InvalidRequest, match=r"^images\[8\]: IMAGE is not a decodable image"):
+                await client.judge_many([*images[:8], b"junk"], "echo")
+            before = request_counts(echo_url)
+            return await client.judge_many(images, "unsafe", batch_size=4, concurrency=2), before
+
+    verdicts, before = asyncio.run(scenario())
+    after = request_counts(echo_url)
+    assert [v.model_id.rsplit(":", 1)[1] for v in verdicts] == [f"{10 + i}x5" for i in range(9)]
+    assert not any(v.safe for v in verdicts)
+    assert after[0] - before[0] == 3, "9 images in requests of 4, 4 and 1"
 
 
 def test_async_client_has_the_same_behaviour(echo_url: str) -> None:  # noqa: F811

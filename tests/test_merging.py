@@ -257,14 +257,15 @@ def test_the_stage_answers_a_batch_request_by_request(tmp_path: Path):
     stage = JudgeStage(settings, mllm=CountingMLLM())
     options = json.dumps({"relevance_filter": False, "max_reasoning_calls": 0}).encode()
     requests = [
-        JudgeRequest(png(0), b"general", options, request_id="good"),
-        JudgeRequest(b"not an image", b"general", options),
-        JudgeRequest(png(1), b"unknown", options),
-        JudgeRequest(png(2), b"general", b'{"frames": 0}'),
-        JudgeRequest(png(3), b"general", options),
+        JudgeRequest.single(png(0), b"general", options, request_id="good"),
+        JudgeRequest.single(b"not an image", b"general", options),
+        JudgeRequest.single(png(1), b"unknown", options),
+        JudgeRequest.single(png(2), b"general", b'{"frames": 0}'),
+        JudgeRequest.single(png(3), b"general", options),
     ]
     answers = stage.answer(requests, [lambda: False] * 4 + [lambda: True])
-    assert json.loads(answers[0])["request_id"] == "good" and json.loads(answers[0])["constitution"] == "general"
+    (verdict,) = answers[0]
+    assert json.loads(verdict)["request_id"] == "good" and json.loads(verdict)["constitution"] == "general"
     assert answers[1].code == FaultCode.INVALID_ARGUMENT and "cannot identify image file" in answers[1].message
     assert answers[2].code == FaultCode.INVALID_ARGUMENT and "unknown" in answers[2].message
     assert answers[3].code == FaultCode.INVALID_ARGUMENT and "OPTIONS" in answers[3].message

@@ -15,10 +15,13 @@ from safejudge_client.client import (
     Options,
     _Connection,
     build_inputs,
-    parse_verdict,
+    chunks,
+    in_chunk,
+    max_batch_size,
+    parse_verdicts,
     probe_failed,
 )
-from safejudge_client.errors import from_triton
+from safejudge_client.errors import JudgeError, from_triton
 from safejudge_client.verdict import Verdict
 
 T = TypeVar("T")
@@ -31,23 +34,43 @@ class AsyncJudgeClient(_Connection):
     grpc_module = aiogrpcclient
 
     async def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
-        inputs = build_inputs(image, constitution, options)
-        result = await self._with_retries(lambda: self._infer(inputs))
-        return parse_verdict(result)
+        (verdict,) = await self._judge_rows([image], constitution, options)
+        return verdict
 
     async def judge_many(
-        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *, concurrency: int = 4
+        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *,
+        batch_size: int | None = None, concurrency: int = 4,
     ) -> list[Verdict]:
-        """Verdicts in the order of `images`, with up to `concurrency` requests in flight."""
+        """Verdicts in the order of `images`: several images per request (batch_size, default the model's
+        max_batch_size), up to `concurrency` requests in flight; as JudgeClient.judge_many."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not images:
+            return []
+        size = batch_size or await self.max_batch_size()
         slots = asyncio.Semaphore(concurrency)
 
-        async def judge_one(image: ImageInput) -> Verdict:
+        async def judge_chunk(rows: range) -> list[Verdict]:
             async with slots:
-                return await self.judge(image, constitution, options)
+                try:
+                    return await self._judge_rows([images[i] for i in rows], constitution, options)
+                except JudgeError as exc:
+                    raise in_chunk(exc, rows) from exc
 
-        return list(await asyncio.gather(*(judge_one(image) for image in images)))
+        answers = await asyncio.gather(*(judge_chunk(rows) for rows in chunks(len(images), size)))
+        return [verdict for verdicts in answers for verdict in verdicts]
+
+    async def max_batch_size(self) -> int:
+        """The most images one request may hold (the model's max_batch_size); asked once."""
+        if self._max_batch_size is None:
+            config = await self._with_retries(lambda: self._client.get_model_config(
+                self.model_name, as_json=True, client_timeout=self.timeout_s))
+            self._max_batch_size = max_batch_size(config)
+        return self._max_batch_size
+
+    async def _judge_rows(self, images: Sequence[ImageInput], constitution: str, options: Options) -> list[Verdict]:
+        inputs = build_inputs(images, constitution, options)
+        return parse_verdicts(await self._with_retries(lambda: self._infer(inputs)), len(images))
 
     async def is_live(self) -> bool:
         return await self._probe(lambda: self._client.is_server_live(client_timeout=self.timeout_s))

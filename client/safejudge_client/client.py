@@ -1,8 +1,10 @@
 """Blocking gRPC client for the `safety_judge` model of a safejudge (Triton) server.
 
-Wire format, one image per request: inputs IMAGE (BYTES [1,1], the encoded image file), CONSTITUTION
-(BYTES [1,1], a constitution name), OPTIONS (BYTES [1,1], JSON, only when given); output VERDICT
-(BYTES [1,1], Verdict JSON). The request helpers here are shared with the asyncio client (aio.py).
+Wire format: inputs IMAGE (BYTES [N,1], the encoded image files), CONSTITUTION (BYTES [N,1], a constitution
+name per image), OPTIONS (BYTES [N,1], JSON, only when given); output VERDICT (BYTES [N,1], Verdict JSON per
+image, in order). N is 1 for `judge` and up to the model's max_batch_size for `judge_many`; a request whose
+image (row) is rejected fails whole, its message naming the row. The request helpers here are shared with the
+asyncio client (aio.py).
 """
 
 from __future__ import annotations
@@ -69,31 +71,58 @@ def encode_options(options: Options) -> bytes | None:
     raise TypeError(f"options must be a dict or a pydantic model, not {type(options).__name__}")
 
 
-def _bytes_input(name: str, data: bytes) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+def _bytes_input(name: str, rows: Sequence[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(rows), 1], "BYTES")
+    array = np.empty((len(rows), 1), dtype=np.object_)  # element by element: numpy would split equal bytes
+    for row, data in enumerate(rows):
+        array[row, 0] = data
+    tensor.set_data_from_numpy(array)
     return tensor
 
 
-def build_inputs(image: ImageInput, constitution: str, options: Options) -> list[grpcclient.InferInput]:
+def build_inputs(images: Sequence[ImageInput], constitution: str, options: Options) -> list[grpcclient.InferInput]:
+    """One request judging `images` (its rows) under one constitution with the same options."""
     if not isinstance(constitution, str) or not constitution.strip():
         raise ValueError(f"constitution must be a non-empty name, got {constitution!r}")
-    inputs = [_bytes_input("IMAGE", encode_image(image)), _bytes_input("CONSTITUTION", constitution.encode())]
+    if not images:
+        raise ValueError("a request needs at least one image")
+    rows = len(images)
+    inputs = [_bytes_input("IMAGE", [encode_image(image) for image in images]),
+              _bytes_input("CONSTITUTION", [constitution.encode()] * rows)]
     options_json = encode_options(options)
     if options_json is not None:
-        inputs.append(_bytes_input("OPTIONS", options_json))
+        inputs.append(_bytes_input("OPTIONS", [options_json] * rows))
     return inputs
 
 
-def parse_verdict(result: grpcclient.InferResult) -> Verdict:
+def parse_verdicts(result: grpcclient.InferResult, rows: int) -> list[Verdict]:
+    """The verdict of each row, in order; ProtocolError unless there is exactly one per row."""
     array = result.as_numpy("VERDICT")
-    if array is None or array.size != 1:
-        raise ProtocolError("the response has no single VERDICT output")
-    raw = array.reshape(-1)[0]
+    if array is None or array.size != rows:
+        found = "none" if array is None else f"{array.size}"
+        raise ProtocolError(f"the response has {found} VERDICT values for {rows} image(s)")
     try:
-        return Verdict.model_validate_json(raw)
+        return [Verdict.model_validate_json(raw) for raw in array.reshape(-1)]
     except ValidationError as exc:
         raise ProtocolError(f"VERDICT is not a valid Verdict: {exc}") from exc
+
+
+def chunks(count: int, size: int) -> list[range]:
+    """The rows of each request judge_many sends: consecutive runs of at most `size` of `count` images."""
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def in_chunk(error: JudgeError, rows: range) -> JudgeError:
+    """The error of one judge_many request, saying which images it held (the server names the row)."""
+    where = f"images[{rows.start}]" if len(rows) == 1 else f"images[{rows.start}:{rows.stop}]"
+    return type(error)(f"{where}: {error.message}", error.status)
+
+
+def max_batch_size(config: Mapping[str, Any]) -> int:
+    """The most rows one request may have, from the model's config JSON (0: the model does not batch)."""
+    return max(1, int(config.get("config", config).get("max_batch_size", 0)))
 
 
 # gRPC's own name-resolver schemes (https://github.com/grpc/grpc/blob/master/doc/naming.md): `dns:///name:port`
@@ -208,6 +237,7 @@ class _Connection:
         self.model_name = model_name
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(retries, backoff_s)
+        self._max_batch_size: int | None = None
         plugin = BearerToken(token) if token is not None else None
         self._client = self.grpc_module.InferenceServerClient(
             url,
@@ -240,19 +270,42 @@ class JudgeClient(_Connection):
 
     def judge(self, image: ImageInput, constitution: str, options: Options = None) -> Verdict:
         """The verdict for one image (path, bytes of an image file, or PIL image) under a named constitution."""
-        inputs = build_inputs(image, constitution, options)
-        result = self._with_retries(lambda: self._infer(inputs))
-        return parse_verdict(result)
+        (verdict,) = self._judge_rows([image], constitution, options)
+        return verdict
 
     def judge_many(
-        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *, concurrency: int = 4
+        self, images: Sequence[ImageInput], constitution: str, options: Options = None, *,
+        batch_size: int | None = None, concurrency: int = 4,
     ) -> list[Verdict]:
-        """Verdicts in the order of `images`, with up to `concurrency` requests in flight.
-        The first failed request raises its error."""
+        """Verdicts in the order of `images`: several images per request (batch_size, default the model's
+        max_batch_size, read once from the server), up to `concurrency` requests in flight. The first failed
+        request raises its error, naming its images (and the server the row that failed it)."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not images:
+            return []
+        size = batch_size or self.max_batch_size()
+
+        def judge_chunk(rows: range) -> list[Verdict]:
+            try:
+                return self._judge_rows([images[i] for i in rows], constitution, options)
+            except JudgeError as exc:
+                raise in_chunk(exc, rows) from exc
+
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(lambda image: self.judge(image, constitution, options), images))
+            return [v for verdicts in pool.map(judge_chunk, chunks(len(images), size)) for v in verdicts]
+
+    def max_batch_size(self) -> int:
+        """The most images one request may hold (the model's max_batch_size); asked once."""
+        if self._max_batch_size is None:
+            config = self._with_retries(lambda: self._client.get_model_config(
+                self.model_name, as_json=True, client_timeout=self.timeout_s))
+            self._max_batch_size = max_batch_size(config)
+        return self._max_batch_size
+
+    def _judge_rows(self, images: Sequence[ImageInput], constitution: str, options: Options) -> list[Verdict]:
+        inputs = build_inputs(images, constitution, options)
+        return parse_verdicts(self._with_retries(lambda: self._infer(inputs)), len(images))
 
     def is_live(self) -> bool:
         return self._probe(lambda: self._client.is_server_live(client_timeout=self.timeout_s))

@@ -1,4 +1,4 @@
-"""Triton adapter: IMAGE, CONSTITUTION, OPTIONS? -> VERDICT via safejudge.pipeline.JudgeStage.
+"""Triton adapter: IMAGE, CONSTITUTION, OPTIONS? [N, 1] -> VERDICT [N, 1] via safejudge.pipeline.JudgeStage.
 
 A dynamic batch is judged side by side, the MLLM in this process; every call into Triton (cancellation
 checks, metrics) is made from this, the execute thread.
@@ -10,7 +10,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from safejudge.metrics import DEFINITIONS, LATENCY_BUCKETS, LabelledMetrics
-from safejudge.pipeline import TRITON_ERROR_CODES, Fault, JudgeRequest, JudgeStage, JudgeStageSettings, stage_parameters
+from safejudge.pipeline import (
+    TRITON_ERROR_CODES,
+    Fault,
+    JudgeRequest,
+    JudgeStage,
+    JudgeStageSettings,
+    credential_values,
+    stage_parameters,
+)
 
 
 def triton_metrics():
@@ -40,12 +48,13 @@ class TritonPythonModel:
     @staticmethod
     def _read(request):
         options = pb_utils.get_input_tensor_by_name(request, "OPTIONS")
-        return JudgeRequest(
-            image=pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()[0, 0],
-            constitution=pb_utils.get_input_tensor_by_name(request, "CONSTITUTION").as_numpy()[0, 0],
-            options=None if options is None else options.as_numpy()[0, 0],
+        return JudgeRequest.from_arrays(
+            pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy(),
+            pb_utils.get_input_tensor_by_name(request, "CONSTITUTION").as_numpy(),
+            None if options is None else options.as_numpy(),
             timeout_us=request.timeout(),
             request_id=request.request_id(),
+            credentials=credential_values(request.parameters()),
         )
 
     @staticmethod
@@ -53,4 +62,5 @@ class TritonPythonModel:
         if isinstance(answer, Fault):
             code = getattr(pb_utils.TritonError, TRITON_ERROR_CODES[answer.code])
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(answer.message, code))
-        return pb_utils.InferenceResponse([pb_utils.Tensor("VERDICT", np.array([[answer.encode()]], dtype=object))])
+        verdicts = np.array([[verdict.encode()] for verdict in answer], dtype=object)
+        return pb_utils.InferenceResponse([pb_utils.Tensor("VERDICT", verdicts)])
