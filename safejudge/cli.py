@@ -235,6 +235,11 @@ def serve(
     max_image_pixels: int = typer.Option(ImageLimits().max_pixels, help="most pixels per frame"),
     max_image_side: int = typer.Option(ImageLimits().max_side, help="longest side per frame, in pixels"),
     max_image_frames: int = typer.Option(ImageLimits().max_frames, help="most frames (pages) in one file"),
+    max_image_decoded_pixels: int = typer.Option(
+        ImageLimits().max_decoded_pixels,
+        help="most pixels decoded to produce an image's sampled frames (GIF/APNG/WebP: every frame up to the last "
+        "sampled one), checked before decoding",
+    ),
     tls_cert: Path = typer.Option(None, help="serve gRPC over TLS with this PEM certificate (with --tls-key)"),
     tls_key: Path = typer.Option(None, help="the certificate's PEM private key"),
     tls_ca: Path = typer.Option(None, help="mutual TLS: clients need a certificate signed by this PEM CA"),
@@ -271,7 +276,7 @@ def serve(
             limits=RequestLimits(
                 image=ImageLimits(
                     max_bytes=max_image_bytes, max_pixels=max_image_pixels, max_side=max_image_side,
-                    max_frames=max_image_frames,
+                    max_frames=max_image_frames, max_decoded_pixels=max_image_decoded_pixels,
                 ),
                 frames=frames,
                 max_request_frames=max_request_frames,

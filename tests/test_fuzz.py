@@ -75,7 +75,9 @@ def fuzz(ci_examples: int):
 # -- images ------------------------------------------------------------------------------------------
 
 # Small limits keep each example fast; the generated images stay under them, mutations may not.
-LIMITS = ImageLimits(max_bytes=256 * 1024, max_pixels=128 * 128, max_side=512, max_frames=24)
+LIMITS = ImageLimits(
+    max_bytes=256 * 1024, max_pixels=128 * 128, max_side=512, max_frames=24, max_decoded_pixels=24 * 128 * 128
+)
 
 
 def _save(frames: list[Image.Image], fmt: str, **kwargs) -> bytes:

@@ -4,10 +4,11 @@ sampling, limits, fitting images to a model (conform), and the Strategy 2 region
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile, WebPImagePlugin
 from pydantic import ValidationError
 
 from safejudge.backends.base import Detection
@@ -68,6 +69,46 @@ ANIMATED = {
 }
 
 
+def long_gif(count: int = 3000, size: int = 64) -> bytes:
+    """A GIF of `count` frames of size x size: blue, with one red pixel at (i % size, i // size) in frame i
+    (Pillow stores each frame as the rectangle that changed)."""
+    frames = []
+    for index in range(count):
+        frame = Image.new("P", (size, size), 0)
+        frame.putpalette([*BLUE, *RED])
+        frame.putpixel((index % size, index // size), 1)
+        frames.append(frame)
+    return encode_frames(frames, "GIF", duration=20)
+
+
+def marker(index: int, size: int = 64) -> tuple[int, int]:
+    return index % size, index // size
+
+
+def _gif_pixels(width: int, height: int) -> bytes:
+    """The image data (LZW code size, sub-blocks, terminator) of a width x height GIF frame of colour 0."""
+    data = encode(Image.new("P", (width, height), 0), "GIF")
+    position = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # header, screen, colour table
+    while data[position : position + 1] == b"!":  # extension: label, then sub-blocks up to an empty one
+        position += 2
+        while data[position]:
+            position += data[position] + 1
+        position += 1
+    assert data[position : position + 1] == b",", "an image descriptor"
+    flags = data[position + 9]
+    position += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    return data[position:-1]  # up to the trailer
+
+
+def gif_of_extents(screen: tuple[int, int], extents: list[tuple[int, int, int, int]]) -> bytes:
+    """A GIF written by hand: a logical screen of `screen` pixels and one blue frame per (left, top, width,
+    height) extent. Frames may be much smaller than the screen (a few bytes each), or reach past it."""
+    parts = [b"GIF89a", struct.pack("<HHBBB", *screen, 0x80, 0, 0), bytes([*BLUE, *RED])]
+    for left, top, width, height in extents:
+        parts += [b",", struct.pack("<HHHHB", left, top, width, height, 0), _gif_pixels(width, height)]
+    return b"".join([*parts, b";"])
+
+
 def single(data: bytes, **kwargs) -> Image.Image:
     decoded = decode_image(data, **kwargs)
     assert decoded.frame_count == 1 and decoded.frame_indices == [0] and len(decoded.frames) == 1
@@ -96,14 +137,35 @@ def test_transparency_is_composited_on_white():
     assert single(encode(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_mpo_is_judged_by_its_primary_image():
-    primary, second = Image.new("RGB", (32, 24), RED), Image.new("RGB", (32, 24), BLUE)
-    data = encode_frames([primary, second], "MPO")
+def test_mpo_is_judged_on_each_of_its_images():
+    first, second = Image.new("RGB", (32, 24), RED), Image.new("RGB", (20, 40), BLUE)
+    data = encode_frames([first, second], "MPO")
     assert Image.open(io.BytesIO(data)).format == "MPO"
     decoded = decode_image(data)
-    assert decoded.format == "MPO" and decoded.frame_count == 1
-    red, green, blue = decoded.frames[0].getpixel((5, 5))
-    assert red > 240 and green < 15 and blue < 15  # JPEG rounding
+    assert decoded.format == "MPO" and decoded.frame_count == 2 and decoded.frame_indices == [0, 1]
+    assert [frame.size for frame in decoded.frames] == [(32, 24), (20, 40)]
+    assert [frame.mode for frame in decoded.frames] == ["RGB", "RGB"]
+    (r0, g0, b0), (r1, g1, b1) = (frame.getpixel((5, 5)) for frame in decoded.frames)
+    assert r0 > 240 and g0 < 15 and b0 < 15, "the first image is the red one"  # JPEG rounding
+    assert r1 < 15 and g1 < 15 and b1 > 240, "the second image is the blue one"
+    assert decode_image(data, frames=1).frame_indices == [0], "sampled like any multi-frame file"
+
+
+def test_mpo_images_are_upright_per_their_own_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode_frames([gradient(64, 48), gradient(64, 48)], "MPO", exif=exif)
+    # Pillow's MPO writer gives every image the first one's EXIF: turn the second image's into 8 (rotate 90°
+    # counter-clockwise), the same length, so the file's offsets still hold.
+    orientation_6 = b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06"  # tag 0x0112, SHORT, count 1, value 6 (MM)
+    assert data.count(orientation_6) == 2
+    second = data.rindex(orientation_6) + len(orientation_6) - 1
+    data = data[:second] + b"\x08" + data[second + 1 :]
+    decoded = decode_image(data)
+    assert [frame.size for frame in decoded.frames] == [(48, 64), (48, 64)]
+    first, second = (np.asarray(frame, dtype=int)[:, 24, 0] for frame in decoded.frames)
+    assert first[0] < 20 and first[-1] > 235, "rotated clockwise: the dark left edge is on top"
+    assert second[0] > 235 and second[-1] < 20, "rotated counter-clockwise: the dark left edge is at the bottom"
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 3), (4000, 2), (2, 4000)])
@@ -154,6 +216,83 @@ def test_default_and_invalid_frame_counts():
     assert len(decoded.frames) == DEFAULT_FRAMES and decoded.frame_indices[0] == 0 and decoded.frame_indices[-1] == 19
     with pytest.raises(ValueError, match="frames must be at least 1, got 0"):
         decode_image(encode(gradient(), "PNG"), frames=0)
+
+
+def test_a_long_animation_of_small_frames_is_judged_by_its_sampled_frames():
+    data = long_gif()
+    assert len(data) < 200_000
+    decoded = decode_image(data)
+    assert decoded.format == "GIF" and decoded.frame_count == 3000
+    assert decoded.frame_indices == sample_frame_indices(3000, DEFAULT_FRAMES) and len(decoded.frames) == 8
+    for index, frame in zip(decoded.frame_indices, decoded.frames):
+        assert frame.size == (64, 64) and frame.getpixel(marker(index)) == RED, f"frame {index} is frame {index}"
+        if index:
+            assert frame.getpixel(marker(index - 1)) == BLUE
+
+
+def refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, any pixel decoding fails the test (Pillow decodes in ImageFile.load, WebP in its own)."""
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("pixels were decoded before the image was refused")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    monkeypatch.setattr(WebPImagePlugin.WebPImageFile, "load", decoded)
+
+
+@pytest.mark.parametrize("fmt", sorted(ANIMATED))
+def test_an_animation_whose_decoding_exceeds_the_budget_is_refused_before_decoding(fmt, monkeypatch):
+    data = encode_frames(animation(count=11), fmt, **ANIMATED[fmt])
+    # Reaching frame 10 decodes frames 0 to 10 on a 40x30 canvas: 11 x 1200 pixels, however few are judged.
+    assert decode_image(data, ImageLimits(max_decoded_pixels=13_200), frames=2).frame_indices == [0, 10]
+    assert decode_image(data, ImageLimits(max_decoded_pixels=1_200), frames=1).frame_indices == [0]
+    refuse_decoding(monkeypatch)
+    with pytest.raises(
+        ImageError,
+        match=r"^image needs 13200 decoded pixels \(frames 0 to 10 at 40x30\); "
+        r"the limit is 13199 pixels \(max_decoded_pixels\)$",
+    ):
+        decode_image(data, ImageLimits(max_decoded_pixels=13_199), frames=2)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "MPO"])
+def test_pages_and_mpo_images_count_only_the_sampled_frames(fmt, monkeypatch):
+    """TIFF pages and MPO images are reached through their headers: only the sampled ones are decoded."""
+    data = encode_frames([Image.new("RGB", size, RED) for size in [(10, 8), (30, 20), (5, 50)]], fmt)
+    assert decode_image(data, ImageLimits(max_decoded_pixels=80 + 600 + 250)).frame_count == 3
+    assert decode_image(data, ImageLimits(max_decoded_pixels=80 + 250), frames=2).frame_indices == [0, 2]
+    refuse_decoding(monkeypatch)
+    with pytest.raises(
+        ImageError,
+        match=r"^image needs 930 decoded pixels \(3 sampled frames of their own sizes\); "
+        r"the limit is 929 pixels \(max_decoded_pixels\)$",
+    ):
+        decode_image(data, ImageLimits(max_decoded_pixels=929))
+
+
+def test_a_gif_whose_frames_grow_its_canvas_is_stopped_within_the_budget():
+    """The header declares a 1x1 screen; Pillow grows the canvas to 100x100 for the frames that reach past
+    it, so each later frame costs 10,000 pixels, which the check before decoding cannot see."""
+    data = gif_of_extents((1, 1), [(0, 0, 1, 1)] + [(0, 0, 100, 100)] * 9)
+    decoded = decode_image(data, ImageLimits(max_decoded_pixels=1 + 9 * 10_000))
+    assert decoded.frame_count == 10 and decoded.frames[-1].size == (100, 100)
+    with pytest.raises(
+        ImageError,
+        match=r"^image needs more than 50000 decoded pixels \(frames 0 to 5, canvas grown to 100x100\); "
+        r"the limit is 50000 pixels \(max_decoded_pixels\)$",
+    ):
+        decode_image(data, ImageLimits(max_decoded_pixels=50_000))
+
+
+def test_the_default_budget_refuses_a_few_hundred_bytes_of_large_empty_frames(monkeypatch):
+    """What the served test sends: a 4000x4000 screen (16 M pixels, within max_pixels) and 1x1 frames."""
+    default = ImageLimits()
+    count = default.max_decoded_pixels // (4000 * 4000) + 1
+    data = gif_of_extents((4000, 4000), [(0, 0, 1, 1)] * count)
+    assert len(data) < 2000 and count <= default.max_frames
+    refuse_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=rf"\(frames 0 to {count - 1} at 4000x4000\);.*\(max_decoded_pixels\)$"):
+        decode_image(data)
 
 
 @pytest.mark.parametrize(
@@ -249,8 +388,11 @@ def test_a_bomb_beyond_pillows_own_guard_still_names_the_limit():
 
 def test_limits_are_validated_frozen_and_closed():
     assert ImageLimits().max_bytes == 20 * 1024 * 1024
+    assert ImageLimits().max_decoded_pixels >= 8 * ImageLimits().max_pixels, "8 frames of the largest size"
     with pytest.raises(ValidationError, match="max_frames"):
         ImageLimits(max_frames=0)
+    with pytest.raises(ValidationError, match="max_decoded_pixels"):
+        ImageLimits(max_decoded_pixels=0)
     with pytest.raises(ValidationError, match="max_pixel"):
         ImageLimits(max_pixel=5)
     with pytest.raises(ValidationError, match="frozen"):
