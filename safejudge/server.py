@@ -33,7 +33,7 @@ from string import Template
 from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from safejudge.backends.registry import ModelSpec, served_threads
-from safejudge.pipeline import JudgeStageSettings, RequestLimits
+from safejudge.pipeline import CREDENTIAL_HEADERS, JudgeStageSettings, RequestLimits, token_digest
 from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY
 from safejudge.store import default_cache_dir
 
@@ -45,6 +45,10 @@ STUB_NAME = "triton_python_backend_stub"
 ADMIN_HEADER = "safejudge-admin"
 # Protocols a token guards; health (probes) and metadata stay open.
 TOKEN_PROTOCOLS = "inference,model-config,statistics,shared-memory,trace,logging"
+# On gRPC, Triton's restriction checks only its own header (triton-grpc-protocol-authorization), not the
+# standard `authorization` that gRPC call credentials and service meshes send; with `models_check_token` the
+# models check inference themselves, from the credential headers forwarded to them.
+GRPC_TOKEN_PROTOCOLS_MODELS_CHECK = TOKEN_PROTOCOLS.removeprefix("inference,")
 
 
 class ServerError(RuntimeError):
@@ -277,7 +281,9 @@ class TritonServer:
     Models are loaded through the model-control API (explicit mode), which only this launcher may use
     (header ADMIN_HEADER with a per-server key); the supervisor reloads a stage whose process died.
     With `auth_token`, inference and the other non-health protocols need
-    `authorization: Bearer <token>` (HTTP) / `triton-grpc-protocol-authorization: Bearer <token>` (gRPC).
+    `authorization: Bearer <token>` (HTTP) / `triton-grpc-protocol-authorization: Bearer <token>` (gRPC);
+    with `models_check_token` too, gRPC inference is left to the models, which get the credential headers
+    (safejudge.pipeline.CREDENTIAL_HEADERS) as request parameters and must refuse a request without the token.
     """
 
     def __init__(
@@ -298,6 +304,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         tls: TLSFiles | None = None,
         auth_token: str | None = None,
+        models_check_token: bool = False,
         http_host: str | None = None,
         supervise: bool = True,
     ) -> None:
@@ -318,6 +325,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.tls = tls
         self.auth_token = auth_token
+        self.models_check_token = models_check_token
         self.admin_key = secrets.token_urlsafe(24)
         self.supervisor: StageSupervisor | None = None
         self.supervise = supervise
@@ -407,10 +415,16 @@ class TritonServer:
     def _security_args(self) -> list[str]:
         args = []
         if self.auth_token is not None:
+            grpc_protocols = GRPC_TOKEN_PROTOCOLS_MODELS_CHECK if self.models_check_token else TOKEN_PROTOCOLS
             args += [
-                f"--grpc-restricted-protocol={TOKEN_PROTOCOLS}:authorization=Bearer {self.auth_token}",
+                f"--grpc-restricted-protocol={grpc_protocols}:authorization=Bearer {self.auth_token}",
                 f"--http-restricted-api={TOKEN_PROTOCOLS}:authorization=Bearer {self.auth_token}",
             ]
+            if self.models_check_token:
+                headers = "|".join(CREDENTIAL_HEADERS)
+                # Header names are case-insensitive (HTTP clients send `Authorization`).
+                pattern = f"(?i)^({headers})$"
+                args += [f"--grpc-header-forward-pattern={pattern}", f"--http-header-forward-pattern={pattern}"]
         if self.tls is not None:
             args += [f"--grpc-server-cert={self.tls.cert}", f"--grpc-server-key={self.tls.key}"]
             if self.tls.ca is not None:
@@ -572,11 +586,13 @@ class ServeSettings(BaseModel):
         constitutions = self.constitutions.resolve()
         if not constitutions.is_dir():
             raise ServerError(f"constitution directory {self.constitutions} does not exist")
+        token = self.auth_token()
         judge = JudgeStageSettings(
             models=self.models.model_copy(update={"threads": self.threads_per_instance()}),
             constitutions=constitutions,
             cache_dir=self.cache_dir.resolve(),
             limits=self.limits,
+            token_sha256=None if token is None else token_digest(token),
         )
         return {
             "judge_settings": pbtxt_string(judge.model_dump_json()),
@@ -603,6 +619,7 @@ class ServeSettings(BaseModel):
             tritonserver=self.tritonserver,
             tls=tls,
             auth_token=self.auth_token(),
+            models_check_token=True,
         )
 
 
