@@ -714,14 +714,18 @@ def _write_json(settings: BenchSettings, regimes: Sequence[RegimeResult], served
 
 
 def _served_runs(settings: BenchSettings, base: Constitution, images: Sequence[Image.Image], log) -> list[Run]:
+    from safejudge.pipeline import LENIENT_FLAG, RequestLimits, lenient_choices
     from safejudge.server import ServeSettings
 
     encoded = [png_bytes(image) for image in images]
+    lenient = lenient_choices(settings.options, base.thresholds)
+    if lenient:
+        log(f"the bench's server runs with {LENIENT_FLAG}: its OPTIONS loosen the policy ({'; '.join(lenient)})")
     with tempfile.TemporaryDirectory(prefix="safejudge-bench-") as directory:
         Path(directory, f"{base.name}.yaml").write_text(yaml.safe_dump(base.model_dump(mode="json"), sort_keys=False))
         serve = ServeSettings(
             models=settings.models, constitutions=Path(directory), grpc_port=0, http_port=0, metrics_port=0,
-            judge_instances=settings.judge_instances,
+            judge_instances=settings.judge_instances, limits=RequestLimits(allow_lenient_options=bool(lenient)),
         )
         log("starting the server ...")
         with serve.server() as server:

@@ -231,6 +231,11 @@ def serve(
     max_request_frames: int = typer.Option(32, help="most frames a request may ask for (OPTIONS frames)"),
     reasoning_calls: int = typer.Option(8, help="reasoning calls per image unless a request says otherwise"),
     max_request_reasoning_calls: int = typer.Option(64, help="most reasoning calls a request may ask for"),
+    allow_lenient_options: bool = typer.Option(
+        False, "--allow-lenient-options",
+        help="let requests judge more leniently than the constitution (OPTIONS fail_closed/strategy2 false, a "
+        "threshold moved in its lenient direction); by default a request may only make the judgement stricter",
+    ),
     max_image_bytes: int = typer.Option(ImageLimits().max_bytes, help="largest encoded image accepted"),
     max_image_pixels: int = typer.Option(ImageLimits().max_pixels, help="most pixels per frame"),
     max_image_side: int = typer.Option(ImageLimits().max_side, help="longest side per frame, in pixels"),
@@ -283,6 +288,7 @@ def serve(
                 reasoning_calls=reasoning_calls,
                 max_request_reasoning_calls=max_request_reasoning_calls,
                 request_timeout_s=request_timeout,
+                allow_lenient_options=allow_lenient_options,
             ),
             tls_cert=tls_cert,
             tls_key=tls_key,
@@ -547,6 +553,8 @@ def status(
             f"{limits.request_timeout_s:g} s, image {limits.image.max_bytes} bytes / {limits.image.max_pixels} "
             f"pixels / {limits.image.max_side} px side / {limits.image.max_frames} frames"
         )
+        console.print("policy: requests may " + ("also loosen the judgement (--allow-lenient-options)"
+                                                 if limits.allow_lenient_options else "only make the judgement stricter"))
     constitutions = Table("constitution", "version", "state", "calibrated")
     for constitution in found.constitutions:
         constitutions.add_row(constitution.name, constitution.version, constitution.state,

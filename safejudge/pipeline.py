@@ -14,6 +14,7 @@ error naming the row that caused it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -172,10 +173,9 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
         raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {validation_summary(exc)}") from exc
     if limits is None:
         return options
-    if not limits.allow_lenient_options:
-        lenient = [f"{name}: false" for name in ("fail_closed", "strategy2") if not getattr(options, name)]
-        if lenient:
-            raise InvalidRequest(_lenient_message(lenient))
+    lenient = [] if limits.allow_lenient_options else lenient_choices(options)
+    if lenient:
+        raise InvalidRequest(_lenient_message(lenient))
     frames = limits.frames if options.frames is None else options.frames
     reasoning = limits.reasoning_calls if options.max_reasoning_calls is None else options.max_reasoning_calls
     if frames > limits.max_request_frames:
@@ -191,6 +191,13 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
 def _lenient_message(lenient: list[str]) -> str:
     return (f"OPTIONS {'; '.join(lenient)} would judge more leniently than this server's policy; "
             f"the operator allows that with `safejudge serve {LENIENT_FLAG}`")
+
+
+def lenient_choices(options: JudgeOptions, base: Thresholds | None = None) -> list[str]:
+    """What in `options` judges more leniently than the policy: fail_closed or strategy2 turned off, and
+    with `base` (the constitution's thresholds, calibrated) every threshold moved in its lenient direction."""
+    found = [f"{name}: false" for name in ("fail_closed", "strategy2") if not getattr(options, name)]
+    return found + ([] if base is None else [f"thresholds.{change}" for change in base.loosened_by(options.thresholds)])
 
 
 def check_thresholds(options: JudgeOptions, base: Thresholds, limits: RequestLimits) -> None:
@@ -277,6 +284,36 @@ class JudgeRequest:
 
 UNKNOWN_CONSTITUTION = "(unknown)"  # the metrics label of a name no constitution has: never a valid name
 
+# The launcher's supervisor (safejudge.server.StageSupervisor) checks that the stage still answers with a request
+# whose id starts with this and whose IMAGE is empty. A stage that did not know it would still answer it at
+# once, INVALID_ARGUMENT "image is empty", but would log and count it as a client's error.
+PROBE_REQUEST_PREFIX = "safejudge-probe-"
+PROBE_ANSWER = '{"probe": "alive"}'
+
+
+def is_probe(request: JudgeRequest) -> bool:
+    return request.request_id.startswith(PROBE_REQUEST_PREFIX) and all(row.image == b"" for row in request.rows)
+
+
+def answers_probes(answer):
+    """Wraps JudgeStage.answer: a probe (is_probe) gets PROBE_ANSWER for each row, before any work (even the
+    token check: it tells only that this execute thread runs), and is neither logged nor counted in the
+    metrics. The other requests of the batch go to `answer` unchanged."""
+
+    @functools.wraps(answer)
+    def answer_probes_first(stage, requests, cancelled=()):
+        kept = [i for i, request in enumerate(requests) if not is_probe(request)]
+        if len(kept) == len(requests):
+            return answer(stage, requests, cancelled)
+        answers = [[PROBE_ANSWER] * len(request.rows) for request in requests]
+        if kept:
+            kept_cancelled = [cancelled[i] for i in kept] if cancelled else ()
+            for i, kept_answer in zip(kept, answer(stage, [requests[i] for i in kept], kept_cancelled), strict=True):
+                answers[i] = kept_answer
+        return answers
+
+    return answer_probes_first
+
 
 class JudgeStage:
     """The `safety_judge` model: image decoding and frame sampling, relevance, the detector and the MLLM in
@@ -303,6 +340,7 @@ class JudgeStage:
         timeout_s = timeout_us / 1e6 if timeout_us > 0 else self.settings.limits.request_timeout_s
         return Deadline.after(timeout_s, cancelled)
 
+    @answers_probes
     def answer(
         self, requests: Sequence[JudgeRequest], cancelled: Sequence[Callable[[], bool]] = ()
     ) -> list[list[str] | Fault]:

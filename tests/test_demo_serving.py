@@ -87,6 +87,60 @@ def test_a_violating_frame_behind_a_benign_first_frame_is_found(demo_server):
     assert first_only.safe and first_only.frames_judged == [0], "judging only the first frame misses it"
 
 
+def safe_and_unsafe_scene() -> tuple[bytes, bytes]:
+    """A toy scene the demo engine judges safe and one it judges unsafe, as PNG."""
+    constitution = load_constitution(CONSTITUTIONS / "toy-world.yaml")
+    models = load_demo_models()
+    compiled = compile_constitution(constitution, models)
+    found = {}
+    for item in demo_scenes(constitution, 12, seed=5):
+        found.setdefault(judge_batched(item.scene.image, compiled, models).safe, png(item.scene.image))
+    return found[True], found[False]
+
+
+def batch_inputs(rows: list[tuple[bytes, bytes]]) -> list:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for index, name in enumerate(("IMAGE", "CONSTITUTION")):
+        tensor = grpcclient.InferInput(name, [len(rows), 1], "BYTES")
+        values = np.empty((len(rows), 1), dtype=object)
+        for row, pair in enumerate(rows):
+            values[row, 0] = pair[index]
+        tensor.set_data_from_numpy(values)
+        tensors.append(tensor)
+    return tensors
+
+
+def test_every_image_of_a_batched_request_is_judged(demo_server):
+    """The issue's reproduction: IMAGE/CONSTITUTION [2, 1] = (a safe scene, an unsafe one) was answered with
+    ONE verdict, `safe: true`, the unsafe image never judged. Now: [2, 1] verdicts, each as the image alone."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from safejudge_client import Verdict
+
+    safe, unsafe = safe_and_unsafe_scene()
+    with grpcclient.InferenceServerClient(demo_server.url) as raw, JudgeClient(demo_server.url, timeout_s=60) as client:
+        alone = [client.judge(image, "toy-world") for image in (safe, unsafe)]
+        result = raw.infer("safety_judge", batch_inputs([(safe, b"toy-world"), (unsafe, b"toy-world")]))
+        array = result.as_numpy("VERDICT")
+        assert array.shape == (2, 1)
+        batched = [Verdict.model_validate_json(raw_verdict) for raw_verdict in array[:, 0]]
+        assert [v.decision() for v in batched] == [v.decision() for v in alone] == [(True, ()), alone[1].decision()]
+        assert not alone[1].safe
+        many = client.judge_many([safe, unsafe, unsafe, safe], "toy-world", batch_size=4)
+        assert [v.safe for v in many] == [True, False, False, True]
+        with pytest.raises(InferenceServerException, match="row 1 of 3: .*cannot identify image file") as refused:
+            raw.infer("safety_judge", batch_inputs([(safe, b"toy-world"), (b"junk", b"toy-world"),
+                                                    (unsafe, b"toy-world")]))
+        assert "INVALID_ARGUMENT" in str(refused.value.status())
+        with pytest.raises(InferenceServerException, match="batch-size must be <= 8"):
+            raw.infer("safety_judge", batch_inputs([(safe, b"toy-world")] * 9))
+        assert client.judge(unsafe, "toy-world").decision() == alone[1].decision(), "still serving"
+
+
 def test_a_constitution_the_demo_vocabulary_cannot_express_is_refused(demo_server):
     assert inexpressible(all_statements(load_constitution(CONSTITUTIONS / "os-bench.yaml").enabled_rules))
     assert not inexpressible(all_statements(load_constitution(CONSTITUTIONS / "toy-world.yaml").enabled_rules))

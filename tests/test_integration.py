@@ -328,6 +328,35 @@ def test_engine_metrics_are_served_on_the_metrics_port(triton_server):
         i for i in info if i["constitution"] == "os-bench").items()
 
 
+def test_a_flood_of_unknown_constitution_names_adds_a_bounded_number_of_series(triton_server):
+    """The issue's reproduction: 50 unknown names created 801 new safejudge_ series (each name a label)."""
+    with pytest.raises(InferenceServerException):  # after this, the one label for unknown names exists
+        infer_raw(triton_server.url, IMAGES["png-64x48"], "nope-warm-up")
+    before = scrape(triton_server.metrics_url)
+    for index in range(50):
+        with pytest.raises(InferenceServerException, match="unknown constitution"):
+            infer_raw(triton_server.url, IMAGES["png-64x48"], f"flood-{index}-{'x' * index}")
+    after = scrape(triton_server.metrics_url)
+    new_series = [k for k in after if k[0].startswith("safejudge_") and k not in before]
+    assert new_series == [], new_series
+    assert delta(after, before, "safejudge_request_errors_total", kind="INVALID_ARGUMENT") == 50
+    assert delta(after, before, "safejudge_judge_seconds_count", constitution="(unknown)") == 50
+    assert not any("flood" in value for k in after for _, value in k[1])
+
+
+@pytest.mark.parametrize("options, lenient", [
+    ('{"fail_closed": false}', "fail_closed: false"),
+    ('{"thresholds": {"relevance": 0.9}}', "thresholds.relevance: 0.9 (this constitution's is 0.22)"),
+])
+def test_a_request_may_make_the_judgement_stricter_but_not_more_lenient(triton_server, options, lenient):
+    with pytest.raises(InferenceServerException) as refused:
+        infer_raw(triton_server.url, IMAGES["png-64x48"], "os-bench", options)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert lenient in refused.value.message() and "--allow-lenient-options" in refused.value.message()
+    stricter = '{"thresholds": {"relevance": 0.1, "beta": 0.5}, "relevance_filter": false, "max_reasoning_calls": 0}'
+    assert infer_raw(triton_server.url, IMAGES["png-64x48"], "os-bench", stricter).constitution == "os-bench"
+
+
 def test_status_reports_health_models_constitutions_and_limits(triton_server, served_and_reference):
     from typer.testing import CliRunner
 

@@ -221,3 +221,16 @@ def test_credentials_are_read_from_forwarded_headers_and_parameters():
     assert credential_values('{"Authorization":"Bearer c"}') == ("Bearer c",)
     assert credential_values("") == ()
     assert authenticated(("Bearer a",), token_digest("a")) and not authenticated(("Bearer ab",), token_digest("a"))
+
+
+def test_lenient_choices_name_what_loosens_the_policy():
+    from safejudge.bench import BenchSettings
+    from safejudge.constitution import Thresholds
+    from safejudge.evaluators import JudgeOptions
+    from safejudge.pipeline import lenient_choices
+
+    assert lenient_choices(BenchSettings().options, Thresholds()) == [], "the bench's options need no flag"
+    options = JudgeOptions(fail_closed=False, thresholds={"relevance": 0.3, "beta": 0.1})
+    assert lenient_choices(options, Thresholds()) == [
+        "fail_closed: false", "thresholds.relevance: 0.3 (this constitution's is 0.22)"]
+    assert lenient_choices(options) == ["fail_closed: false"]
