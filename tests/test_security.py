@@ -1,6 +1,7 @@
 """TLS, mutual TLS and bearer tokens on a real served pipeline (demo models: they start in seconds).
 
-Certificates are made in the test (trustme: a throwaway CA, a server and a client certificate).
+Every test runs against server-only TLS (the deployed default) and mutual TLS. Certificates are made in the
+test (trustme: a throwaway CA, a server and a client certificate).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def server(pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+@pytest.fixture(scope="module", params=["server-tls", "mutual-tls"])
+def server(request, pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     constitutions = tmp_path_factory.mktemp("constitutions")
     (constitutions / "toy-world.yaml").write_text((CONSTITUTIONS / "toy-world.yaml").read_text())
     settings = ServeSettings(
@@ -55,14 +56,21 @@ def server(pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
         metrics_port=0,
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
-        tls_ca=pki["ca"],
+        tls_ca=pki["ca"] if request.param == "mutual-tls" else None,
         auth_token_file=pki["token"],
     )
     with settings.server() as running:
         yield running
 
 
-def client(server: TritonServer, pki, token: str | None = TOKEN, client_cert: bool = True, **options) -> JudgeClient:
+def mutual(server: TritonServer) -> bool:
+    return server.tls.ca is not None
+
+
+def client(server: TritonServer, pki, token: str | None = TOKEN, client_cert: bool | None = None,
+           **options) -> JudgeClient:
+    """A JudgeClient over TLS; with a client certificate where the server asks for one (unless told)."""
+    client_cert = mutual(server) if client_cert is None else client_cert
     tls = {"private_key": str(pki["client_key"]), "certificate_chain": str(pki["client_cert"])} if client_cert else {}
     return JudgeClient(
         server.url, ssl=True, root_certificates=str(pki["ca"]), token=token, timeout_s=60, **tls, **options
@@ -91,6 +99,8 @@ def test_without_the_right_token_inference_is_refused(server, pki, token):
 
 
 def test_without_a_client_certificate_the_tls_handshake_fails(server, pki):
+    if not mutual(server):
+        pytest.skip("server-only TLS asks for no client certificate")
     with client(server, pki, client_cert=False, retries=0) as judge:
         with pytest.raises(ServerUnavailable):
             judge.judge(np_image(), "toy-world")
@@ -127,3 +137,66 @@ def test_status_reads_the_model_configs_with_the_token(server, pki):
     assert found.ready and found.settings is not None and not found.problems, found
     refused = server_status(server.url, server.metrics_url, None, **tls)
     assert refused.settings is None and any("restricted" in p for p in refused.problems)
+
+
+def plain_grpc_infer(server: TritonServer, pki, metadata: tuple = (), call_token: str | None = None):
+    """One safety_judge request from a plain gRPC client (generated KServe stubs, no tritonclient wrapper), as a
+    service in another language would send it: a token as standard gRPC call credentials over TLS."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tritonclient.utils import serialize_byte_tensor
+
+    from safejudge_client.client import encode_image
+
+    keys = {"private_key": pki["client_key"].read_bytes(), "certificate_chain": pki["client_cert"].read_bytes()}
+    channel_credentials = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), **(keys if mutual(server) else {}))
+    if call_token is not None:
+        channel_credentials = grpc.composite_channel_credentials(
+            channel_credentials, grpc.access_token_call_credentials(call_token))
+    request = service_pb2.ModelInferRequest(model_name="safety_judge")
+    for name, value in (("IMAGE", encode_image(np_image())), ("CONSTITUTION", b"toy-world")):
+        tensor = request.inputs.add(name=name, datatype="BYTES")
+        tensor.shape.extend([1, 1])
+        request.raw_input_contents.append(serialize_byte_tensor(np.array([[value]], dtype=object)).item())
+    with grpc.secure_channel(server.url, channel_credentials) as channel:
+        return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=60)
+
+
+def test_standard_grpc_call_credentials_are_accepted(server, pki):
+    response = plain_grpc_infer(server, pki, call_token=TOKEN)
+    assert response.outputs[0].name == "VERDICT" and b"toy-world" in response.raw_output_contents[0]
+    # The same header written by hand (what service meshes and other languages' stubs send), and Triton's own.
+    for key in ("authorization", "triton-grpc-protocol-authorization"):
+        assert plain_grpc_infer(server, pki, metadata=((key, f"Bearer {TOKEN}"),)).outputs
+
+
+@pytest.mark.parametrize("call_token, metadata", [
+    (None, ()),
+    ("wrong-token", ()),
+    (None, (("authorization", f"Basic {TOKEN}"),)),
+    (None, (("authorization", f"Bearer {TOKEN}x"),)),
+])
+def test_plain_grpc_without_the_token_is_refused(server, pki, call_token, metadata):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as refused:
+        plain_grpc_infer(server, pki, metadata=metadata, call_token=call_token)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "This protocol is restricted" in refused.value.details()
+
+
+def test_a_forwarded_token_does_not_open_the_other_protocols(server, pki):
+    """Only inference is checked by the stage: model-config and statistics stay behind Triton's own check,
+    which takes Triton's header."""
+    with client(server, pki) as judge:
+        assert judge.max_batch_size() == 8, "JudgeClient sends both headers"
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    keys = {"private_key": pki["client_key"].read_bytes(), "certificate_chain": pki["client_cert"].read_bytes()}
+    credentials = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), **(keys if mutual(server) else {}))
+    with grpc.secure_channel(server.url, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError, match="restricted"):
+            stub.ModelConfig(service_pb2.ModelConfigRequest(name="safety_judge"),
+                             metadata=(("authorization", "Bearer guessed"),), timeout=10)
