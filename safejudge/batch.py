@@ -5,10 +5,14 @@ The --out file is the run's state. Each input's line is written whole, with one 
 is done (in completion order). On start, a trailing partial line (the process was killed mid-write) is
 dropped, and so are the lines of inputs that failed for a reason that may pass (a timeout, a server fault,
 an unreadable file): those inputs are judged again. Inputs with a verdict, or with an error that is the
-input's own fault (the image was rejected: INVALID_ARGUMENT), are skipped. Failures that are no input's
-fault stop the run instead of writing a line: the server stays unavailable through the client's retries, the
-token is refused, or the server rejects the request whatever the image (unknown constitution, bad options);
-the inputs not judged yet are judged by the next run.
+input's own fault (the image was rejected: INVALID_ARGUMENT), are skipped.
+
+A server that goes away (a restart, a rolling update, a stage reloading) is waited for: every request in
+flight is retried with backoff until the server answers again, for up to `max_outage_s` of one outage, and
+the run goes on; nothing is written for an input until it has its answer. Failures that are no input's fault
+stop the run instead of writing a line: the server stays unavailable longer than that, the token is refused,
+or the server rejects the request whatever the image (unknown constitution, bad options); the inputs not
+judged yet are judged by the next run.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ GLOB_CHARACTERS = frozenset("*?[")
 # (messages of store.UnknownConstitution, pipeline.parse_options and pipeline.fault_of's UnsupportedQuestion).
 REQUEST_FAULTS = ("unknown constitution", "OPTIONS", "the model ")
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+DEFAULT_MAX_OUTAGE_S = 600.0  # a rolling update or a node drain, with a real model's load time, fits
+OUTAGE_BACKOFF_S = (1.0, 30.0)  # first and longest wait between retries of a request during an outage
 
 
 class BatchError(Exception):
@@ -341,10 +347,44 @@ def in_process(
     return load
 
 
+class Outage:
+    """The server's unavailability as the run's workers see it: since when it has lasted (from the first
+    request refused after the last answer), how long each request waits before it is sent again, and when
+    the run gives up. `report` is told when an outage starts, goes on and ends."""
+
+    def __init__(self, source: str, max_outage_s: float, report: Callable[[str], None] = lambda text: None):
+        if max_outage_s < 0:
+            raise BatchError(f"the outage limit must be >= 0 seconds, got {max_outage_s:g}")
+        self.source = source
+        self.max_outage_s = max_outage_s
+        self.report = report
+        self.since: float | None = None
+        self.outages = 0
+
+    def retry_after(self, error: ServerUnavailable, attempt: int) -> float:
+        """Seconds to wait before sending a refused request again (its `attempt`-th retry); BatchError once
+        the outage has lasted max_outage_s."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.outages = now, self.outages + 1
+        lasted = now - self.since
+        if lasted >= self.max_outage_s:
+            raise BatchError(f"{self.source} unavailable for {lasted:.0f} s (--max-outage {self.max_outage_s:g}): "
+                             f"{_one_line(error.message)}") from error
+        delay = min(OUTAGE_BACKOFF_S[0] * 2**attempt, OUTAGE_BACKOFF_S[1], self.max_outage_s - lasted)
+        self.report(f"{self.source} unavailable for {lasted:.0f} s, retrying (gives up after "
+                    f"{self.max_outage_s:g} s): {_one_line(error.message)[:120]}")
+        return delay
+
+    def answered(self) -> None:
+        """The server answered a request: an outage, if any, is over."""
+        if self.since is not None:
+            since, self.since = self.since, None
+            self.report(f"{self.source} back after {time.monotonic() - since:.0f} s")
+
+
 def _input_error(exc: JudgeError | OSError, source: str) -> InputError:
     """The error line of an input; BatchError for a failure that is no input's fault (the run stops)."""
-    if isinstance(exc, ServerUnavailable):
-        raise BatchError(f"{source} unavailable: {_one_line(exc.message)}") from exc
     request_fault = isinstance(exc, InvalidRequest) and exc.message.startswith(REQUEST_FAULTS)
     if isinstance(exc, AuthenticationError) or request_fault:
         raise BatchError(f"{source}: {_one_line(exc.message)}") from exc
@@ -362,20 +402,34 @@ def _milliseconds_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1e3, 1)
 
 
-async def _judge_all(paths: list[Path], judging: Judging, done: Callable[[JudgedInput], None]) -> None:
-    """Every path judged, `judging.concurrency` at a time; done(line) as each finishes. A BatchError stops all."""
+async def _judge_all(
+    paths: list[Path], judging: Judging, done: Callable[[JudgedInput], None], outage: Outage
+) -> None:
+    """Every path judged, `judging.concurrency` at a time; done(line) as each finishes; a request the server
+    refuses as unavailable is sent again until it answers (Outage). A BatchError stops all."""
     waiting = iter(paths)
+
+    async def judge(path: Path) -> JudgedInput:
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                verdict = await judging.judge(path)
+            except ServerUnavailable as exc:
+                await asyncio.sleep(outage.retry_after(exc, attempt))
+                attempt += 1
+                continue
+            except (JudgeError, OSError) as exc:
+                if isinstance(exc, JudgeError):
+                    outage.answered()
+                error = _input_error(exc, judging.source)
+                return JudgedInput(path=str(path), error=error, latency_ms=_milliseconds_since(started))
+            outage.answered()
+            return JudgedInput.judged(path, verdict, _milliseconds_since(started))
 
     async def worker() -> None:
         for path in waiting:  # shared by the workers: each takes the next path
-            started = time.perf_counter()
-            try:
-                verdict = await judging.judge(path)
-            except (JudgeError, OSError) as exc:
-                error = _input_error(exc, judging.source)
-                done(JudgedInput(path=str(path), error=error, latency_ms=_milliseconds_since(started)))
-            else:
-                done(JudgedInput.judged(path, verdict, _milliseconds_since(started)))
+            done(await judge(path))
 
     workers = [asyncio.ensure_future(worker()) for _ in range(min(judging.concurrency, len(paths)))]
     try:
@@ -470,9 +524,13 @@ def _print_results(lines: Sequence[JudgedInput], as_json: bool) -> None:
         Console().print(table)
 
 
-def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_json: bool = False) -> Summary:
+def run(
+    inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_json: bool = False,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+) -> Summary:
     """Judge the inputs not already in `out` with the judging `judges` opens; progress and the summary on stderr,
-    without --out (or with as_json) the results on stdout. Ctrl-C ends the run with `interrupted` set."""
+    without --out (or with as_json) the results on stdout. An unavailable server is waited for up to
+    max_outage_s per outage. Ctrl-C ends the run with `interrupted` set."""
     output = OutputFile(out) if out is not None else None
     already = output.resume() if output is not None else {}
     lines = {str(path): already[str(path)] for path in inputs if str(path) in already}
@@ -480,7 +538,8 @@ def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_js
     now: list[JudgedInput] = []
     console = Console(stderr=True)
     columns = (TextColumn("judging"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[unsafe]} unsafe, {task.fields[errors]} errors"))
+               TextColumn("{task.fields[unsafe]} unsafe, {task.fields[errors]} errors"),
+               TextColumn("{task.fields[outage]}", style="yellow"))
     tally = Counter(unsafe=sum(line.safe is False for line in lines.values()),
                     errors=sum(line.error is not None for line in lines.values()))
     started = time.perf_counter()
@@ -490,7 +549,16 @@ def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_js
         async with judges() as judging:
             started = time.perf_counter()  # after loading models or connecting
             with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-                task = progress.add_task("", total=len(inputs), completed=len(lines), **tally)
+                task = progress.add_task("", total=len(inputs), completed=len(lines), outage="", **tally)
+
+                def report(text: str) -> None:
+                    """An outage's start and end are one line each; while it lasts, the progress line says so."""
+                    ongoing = outage.since is not None
+                    if not ongoing or not progress.tasks[task].fields["outage"]:
+                        progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+                    progress.update(task, outage=text if ongoing else "")
+
+                outage = Outage(judging.source, max_outage_s, report)
 
                 def done(line: JudgedInput) -> None:
                     if output is not None:
@@ -504,7 +572,7 @@ def run(inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_js
                     tally["errors"] += line.error is not None
                     progress.update(task, advance=1, **tally)
 
-                await _judge_all(todo, judging, done)
+                await _judge_all(todo, judging, done, outage)
 
     interrupted = False
     try:

@@ -433,7 +433,7 @@ def _server_failure(url: str, exc: Exception) -> NoReturn:
     fail(f"server at {url}{what}: {' '.join(str(exc).split())}")
 
 
-REMOTE_ONLY = ("url", "retries", "token_file", "tls_ca", "tls_cert", "tls_key", "concurrency")
+REMOTE_ONLY = ("url", "retries", "token_file", "tls_ca", "tls_cert", "tls_key", "concurrency", "max_outage")
 LOCAL_ONLY = ("mllm", "relevance", "detector", "dtype", "constitutions")
 
 
@@ -453,6 +453,10 @@ def judge(
         None, help="write one line per input: JSON Lines, or CSV if it ends in .csv; run again to resume"
     ),
     concurrency: int = typer.Option(4, min=1, help="requests in flight"),
+    max_outage: float = typer.Option(
+        600.0, min=0, help="seconds to wait for a server that became unavailable (restart, rolling update), retrying "
+        "with backoff, before the run stops (run it again to resume)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the lines judged as JSON Lines on stdout (as --out)"),
     retries: int = RETRIES_OPTION,
     token_file: Path = TOKEN_FILE_OPTION,
@@ -507,7 +511,7 @@ def judge(
                 url, constitution, request_options, concurrency, timeout_s=timeout,
                 **_client_arguments(retries, token_file, tls_ca, tls_cert, tls_key),
             )
-        summary = batch.run(inputs, judges, out, as_json)
+        summary = batch.run(inputs, judges, out, as_json, max_outage_s=max_outage)
     except ValidationError as exc:
         fail(_validation_message(exc))
     except (batch.BatchError, ModelSpecError) as exc:

@@ -108,10 +108,10 @@ def assert_one_line_per_input(out: Path, inputs: list[Path]) -> list[dict]:
     return lines
 
 
-def start_cli(out: Path, server: TritonServer, folder: Path) -> subprocess.Popen:
+def start_cli(out: Path, server: TritonServer, folder: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'client'}"}
     command = [sys.executable, "-m", "safejudge.cli", "judge", str(folder), "-c", "toy-world", "--url", server.url,
-               "--out", str(out), "--concurrency", "1"]
+               "--out", str(out), "--concurrency", "1", *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -160,36 +160,57 @@ def test_missing_inputs_and_misplaced_flags_are_bad_arguments(tmp_path: Path) ->
         assert result.stderr.splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
 
 
+def flaky_judges(calls: list[Path], answers: int, outage_s: float, concurrency: int = 1):
+    """Judging on a fake server that answers `answers` requests, is then unavailable for outage_s seconds
+    (forever: inf), then answers again."""
+    down: list[float] = []
+
+    @asynccontextmanager
+    async def connect():
+        async def judge(path: Path) -> Verdict:
+            calls.append(path)
+            if len(calls) > answers and (not down or time.monotonic() - down[0] < outage_s):
+                down[:] = down or [time.monotonic()]
+                raise ServerUnavailable("connection refused", "UNAVAILABLE")
+            return Verdict(safe=True, constitution="c", constitution_version="1")
+
+        yield Judging("server at test", judge, concurrency=concurrency)
+
+    return connect
+
+
 def test_a_server_that_stays_unavailable_stops_the_run_and_the_next_run_goes_on(tmp_path: Path) -> None:
     images = [tmp_path / f"{index}.png" for index in range(5)]
     for image in images:
         image.write_bytes(b"x")
     calls: list[Path] = []
-
-    def judges(answers: int):
-        """Judging on a fake server that answers `answers` requests, then is unavailable."""
-
-        @asynccontextmanager
-        async def connect():
-            async def judge(path: Path) -> Verdict:
-                calls.append(path)
-                if len(calls) > answers:
-                    raise ServerUnavailable("connection refused", "UNAVAILABLE")
-                return Verdict(safe=True, constitution="c", constitution_version="1")
-
-            yield Judging("server at test", judge, concurrency=1)
-
-        return connect
-
     out = tmp_path / "out.jsonl"
-    stopped = "server at test unavailable: connection refused; 2 of 5 inputs are in"
-    with pytest.raises(BatchError, match=re.escape(stopped)):
-        run(images, judges(2), out)
+    stopped = r"server at test unavailable for \d s \(--max-outage 0.5\): connection refused; 2 of 5 inputs are in"
+    with pytest.raises(BatchError, match=stopped):
+        run(images, flaky_judges(calls, 2, float("inf")), out, max_outage_s=0.5)
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == list(map(str, images[:2]))
     calls.clear()
-    assert run(images, judges(5), out).exit_code == 0
+    assert run(images, flaky_judges(calls, 5, 0), out).exit_code == 0
     assert calls == images[2:]
     assert_one_line_per_input(out, images)
+
+
+def test_an_outage_is_waited_for_and_the_run_goes_on_without_losing_or_repeating_inputs(tmp_path: Path, capsys) -> None:
+    images = [tmp_path / f"{index}.png" for index in range(12)]
+    for image in images:
+        image.write_bytes(b"x")
+    calls: list[Path] = []
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    summary = run(images, flaky_judges(calls, 4, 2.5, concurrency=3), out, max_outage_s=60)
+    assert summary.exit_code == 0 and summary.judged_now == 12
+    assert 2.5 <= time.monotonic() - started < 15
+    assert_one_line_per_input(out, images)
+    retried = [path for path in images if calls.count(path) > 1]
+    assert retried, "requests refused during the outage were sent again"
+    stderr = capsys.readouterr().err
+    assert "server at test unavailable for 0 s, retrying (gives up after 60 s): connection refused" in stderr
+    assert re.search(r"server at test back after [2-9] s", stderr), stderr
 
 
 # Lines and exit codes
@@ -339,3 +360,34 @@ def test_a_server_stage_restart_mid_run_is_ridden_out(server: TritonServer, many
     assert len(server.supervisor.recoveries) == recoveries + 1 and server.supervisor.recoveries[-1].seconds
     lines = assert_one_line_per_input(out, many)
     assert at_kill < COPIES and not any("error" in line for line in lines)
+
+
+def test_a_run_outlives_a_server_restart(constitutions: Path, many: list[Path], tmp_path: Path) -> None:
+    """The issue's reproduction: the server stopped and started again 3 s later on the same port ended the run
+    at once (exit 2, '84 of 1201 inputs are in out.jsonl'). Now the run waits, goes on, and ends complete.
+    --retries 0: the client's own retries (about 11 s) would hide a restart this short from the run."""
+    settings = ServeSettings(
+        models=coherent_spec("demo:toy")[0], constitutions=constitutions, cache_dir=tmp_path / "compiled",
+        grpc_port=0, http_port=0, metrics_port=0,
+    )
+    first = settings.server().start()
+    out = tmp_path / "out.jsonl"
+    process = start_cli(out, first, many[0].parents[1], "--retries", "0")
+    try:
+        wait_for_lines(out, 5, process)
+        first.stop()
+        at_stop = len(records(out))
+        time.sleep(3)
+        same_ports = settings.model_copy(
+            update={"grpc_port": first.grpc_port, "http_port": first.http_port, "metrics_port": first.metrics_port})
+        with same_ports.server():
+            stdout, stderr = process.communicate(timeout=120)
+    finally:
+        first.stop()
+        process.kill()
+    assert process.returncode == 1, stderr  # some unsafe, no errors: the run went on to the end
+    assert at_stop < COPIES, "the server stopped mid-run"
+    lines = assert_one_line_per_input(out, many)
+    assert not any("error" in line for line in lines)
+    assert re.search(r"server at \S+ unavailable for \d+ s, retrying", stderr), stderr
+    assert re.search(r"server at \S+ back after \d+ s", stderr), stderr
