@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -69,41 +69,95 @@ class BatchError(Exception):
 # Inputs
 
 
-def expand_inputs(arguments: Sequence[str], stdin: TextIO) -> list[Path]:
-    """The images to judge, absolute, each once, in argument order: a file as given, a folder's image files
-    (recursively, sorted), the sorted matches of a glob pattern the shell did not expand, and for `-` the
-    paths (or folders, or patterns) on the lines of stdin."""
+@dataclass
+class Inputs:
+    """What the arguments name: the images to judge, and everything met that will not be judged."""
+
+    images: list[Path]
+    unreadable_folders: dict[Path, str] = field(default_factory=dict)  # folder -> why it could not be listed
+    other_files: Counter = field(default_factory=Counter)  # files in folders with other extensions, by extension
+    repeated_folders: list[Path] = field(default_factory=list)  # reached again through a link: not searched twice
+
+
+def normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
+    """`.JPG`, `jfif`, `heic,heif` -> {".jpg", ".jfif", ".heic", ".heif"}."""
+    found = set()
+    for value in extensions:
+        for extension in value.split(","):
+            extension = extension.strip().lower()
+            if not extension.strip("."):
+                raise BatchError(f"--include takes file extensions such as .jfif, not {value!r}")
+            found.add("." + extension.lstrip("."))
+    return frozenset(found)
+
+
+def expand_inputs(arguments: Sequence[str], stdin: TextIO, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Inputs:
+    """The images to judge, absolute, each once, in argument order: a file as given, a folder's files with one
+    of `extensions` (recursively, sorted, links to folders followed, each folder searched once), the sorted
+    matches of a glob pattern the shell did not expand, and for `-` the paths (or folders, or patterns) on the
+    lines of stdin. Folders that cannot be listed and files with other extensions are reported in Inputs."""
+    inputs = Inputs([])
     found: dict[Path, None] = {}
+    searched: set[tuple[int, int]] = set()
     for argument in arguments:
         names = [line.strip() for line in stdin if line.strip()] if argument == "-" else [argument]
         for name in names:
-            found.update(dict.fromkeys(_expand(name)))
-    if not found:
+            found.update(dict.fromkeys(_expand(name, extensions, inputs, searched)))
+    if not found and not inputs.unreadable_folders:
         raise BatchError(f"no images to judge in {' '.join(arguments)} (folders are searched for "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
-    for path in found:
+                         f"{', '.join(sorted(extensions))}; --include adds extensions)")
+    for path in [*found, *inputs.unreadable_folders]:
         if "\n" in str(path) or "\r" in str(path):
             raise BatchError(f"paths with line breaks are not supported: {str(path)!r}")
-    return list(found)
+    inputs.images = list(found)
+    return inputs
 
 
-def _expand(name: str) -> list[Path]:
+def _expand(name: str, extensions: frozenset[str], inputs: Inputs, searched: set[tuple[int, int]]) -> list[Path]:
     path = Path(os.path.abspath(name))
     if path.is_dir():
-        return sorted(
-            Path(root, file)
-            for root, _, files in os.walk(path)
-            for file in files
-            if Path(file).suffix.lower() in IMAGE_EXTENSIONS
-        )
+        return _search(path, extensions, inputs, searched)
     if path.is_file():
         return [path]
     if GLOB_CHARACTERS & set(name):
         matches = sorted(glob.glob(name, recursive=True))
         if not matches:
             raise BatchError(f"no file matches {name}")
-        return [image for match in matches for image in _expand(match)]
+        return [image for match in matches for image in _expand(match, extensions, inputs, searched)]
     raise BatchError(f"no such file or folder: {path}")
+
+
+def _search(folder: Path, extensions: frozenset[str], inputs: Inputs, searched: set[tuple[int, int]]) -> list[Path]:
+    """The files of `folder` and its sub-folders with one of `extensions`, sorted; links to folders are followed,
+    a folder reached twice (a link loop, two links to one folder) is searched once."""
+    images = []
+
+    def unreadable(error: OSError) -> None:
+        inputs.unreadable_folders[Path(error.filename)] = error.strerror or str(error)
+
+    def first_visit(directory: Path) -> bool:
+        try:
+            status = directory.stat()
+        except OSError as error:  # a broken link or a folder removed meanwhile
+            unreadable(error)
+            return False
+        if (status.st_dev, status.st_ino) in searched:
+            inputs.repeated_folders.append(directory)
+            return False
+        searched.add((status.st_dev, status.st_ino))
+        return True
+
+    if not first_visit(folder):
+        return []
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        folders[:] = [name for name in sorted(folders) if first_visit(Path(root, name))]
+        for file in files:
+            suffix = Path(file).suffix.lower()
+            if suffix in extensions:
+                images.append(Path(root, file))
+            else:
+                inputs.other_files[suffix] += 1
+    return sorted(images)
 
 
 # Output lines
@@ -463,6 +517,8 @@ class Summary:
     elapsed_s: float
     out: Path | None
     interrupted: bool = False
+    other_files: Counter = field(default_factory=Counter)  # files in the folders not judged, by extension
+    repeated_folders: list[Path] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -495,6 +551,15 @@ class Summary:
         if latencies:
             p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
             report.append(f"latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+        if self.other_files:
+            kinds = ", ".join(f"{extension or 'no extension'} {count}" for extension, count in
+                              self.other_files.most_common())
+            count = self.other_files.total()
+            report.append(f"not judged: {count} file{'' if count == 1 else 's'} with other extensions in the "
+                          f"folders ({kinds}); --include EXT judges them too")
+        if self.repeated_folders:
+            report.append(f"searched once: {len(self.repeated_folders)} folder(s) reached again through links, "
+                          f"e.g. {self.repeated_folders[0]}")
         if self.interrupted:
             report.append("interrupted" + (f": run the same command again to resume {self.out}" if self.out else ""))
         return report
@@ -525,16 +590,21 @@ def _print_results(lines: Sequence[JudgedInput], as_json: bool) -> None:
 
 
 def run(
-    inputs: list[Path], judges: JudgeFactory, out: Path | None = None, as_json: bool = False,
+    found: Inputs, judges: JudgeFactory, out: Path | None = None, as_json: bool = False,
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
 ) -> Summary:
-    """Judge the inputs not already in `out` with the judging `judges` opens; progress and the summary on stderr,
-    without --out (or with as_json) the results on stdout. An unavailable server is waited for up to
-    max_outage_s per outage. Ctrl-C ends the run with `interrupted` set."""
+    """Judge the images not already in `out` with the judging `judges` opens, and write an error line for each
+    folder that could not be listed; progress and the summary on stderr, without --out (or with as_json) the
+    results on stdout. An unavailable server is waited for up to max_outage_s per outage. Ctrl-C ends the run
+    with `interrupted` set."""
+    inputs = [*found.images, *found.unreadable_folders]
     output = OutputFile(out) if out is not None else None
     already = output.resume() if output is not None else {}
     lines = {str(path): already[str(path)] for path in inputs if str(path) in already}
-    todo = [path for path in inputs if str(path) not in lines]
+    todo = [path for path in found.images if str(path) not in lines]
+    unlisted = [JudgedInput(path=str(folder), error=InputError(kind=ErrorKind.UNREADABLE,
+                                                               message=f"cannot list this folder: {reason}"))
+                for folder, reason in found.unreadable_folders.items() if str(folder) not in lines]
     now: list[JudgedInput] = []
     console = Console(stderr=True)
     columns = (TextColumn("judging"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
@@ -572,12 +642,14 @@ def run(
                     tally["errors"] += line.error is not None
                     progress.update(task, advance=1, **tally)
 
+                for line in unlisted:
+                    done(line)
                 await _judge_all(todo, judging, done, outage)
 
     interrupted = False
     try:
         with output if output is not None else nullcontext():
-            if todo:
+            if todo or unlisted:
                 asyncio.run(judge_todo())
     except KeyboardInterrupt:
         interrupted = True
@@ -587,7 +659,7 @@ def run(
                              "again to resume") from exc
         raise
     summary = Summary([lines[str(p)] for p in inputs if str(p) in lines], len(inputs), len(now),
-                      time.perf_counter() - started, out, interrupted)
+                      time.perf_counter() - started, out, interrupted, found.other_files, found.repeated_folders)
     order = {str(path): index for index, path in enumerate(inputs)}
     if out is None or as_json:
         _print_results(sorted(now, key=lambda line: order[line.path]), as_json)

@@ -453,6 +453,10 @@ def judge(
         None, help="write one line per input: JSON Lines, or CSV if it ends in .csv; run again to resume"
     ),
     concurrency: int = typer.Option(4, min=1, help="requests in flight"),
+    include: list[str] = typer.Option(
+        [], "--include", help="also judge files with these extensions in folders (repeat or comma-separate: "
+        "--include .jfif,.heic); files with other extensions are counted in the summary",
+    ),
     max_outage: float = typer.Option(
         600.0, min=0, help="seconds to wait for a server that became unavailable (restart, rolling update), retrying "
         "with backoff, before the run stops (run it again to resume)",
@@ -496,7 +500,8 @@ def judge(
     if request_options is not None and not isinstance(request_options, dict):
         fail("--options must be a JSON object")
     try:
-        inputs = batch.expand_inputs(images, sys.stdin)
+        extensions = batch.IMAGE_EXTENSIONS | batch.normalise_extensions(include)
+        inputs = batch.expand_inputs(images, sys.stdin, extensions)
         if local:
             spec, notes = _model_spec(mllm, relevance, detector, dtype)
             for note in notes:

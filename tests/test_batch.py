@@ -24,7 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 from safejudge.backends.registry import coherent_spec
-from safejudge.batch import BatchError, Judging, expand_inputs, run
+from safejudge import batch
+from safejudge.batch import BatchError, Inputs, Judging, expand_inputs, run
 from safejudge.cli import app
 from safejudge.server import ServeSettings, TritonServer, stub_processes
 from safejudge_client import JudgeClient, ServerUnavailable, Verdict
@@ -134,7 +135,7 @@ def test_inputs_folders_recursive_globs_stdin_in_a_fixed_order_each_once(tmp_pat
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     stdin = io.StringIO("d/q.BMP\n\n  c/x.tiff \nb/notes.txt\n")
-    found = expand_inputs(["b", "c/*", "a.webp", "./b/z.png", "-"], stdin)
+    found = expand_inputs(["b", "c/*", "a.webp", "./b/z.png", "-"], stdin).images
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
         "b/deep/er/y.JPG", "b/z.png",  # the folder: image extensions only, sorted
         "c/x.tiff", "c/y.gif",  # the glob, sorted
@@ -145,6 +146,58 @@ def test_inputs_folders_recursive_globs_stdin_in_a_fixed_order_each_once(tmp_pat
     for arguments, message in ((["missing.png"], "no such file or folder"), (["c/*.jpg"], "no file matches c/*.jpg")):
         with pytest.raises(BatchError, match=re.escape(message)):
             expand_inputs(arguments, io.StringIO())
+
+
+def unlistable(monkeypatch, *folders: Path) -> None:
+    """Listing these folders fails as it would without permission (tests run as root, who may read anything)."""
+    scandir = os.scandir
+
+    def refusing(path=".", *args):
+        if Path(path) in folders:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+def test_every_file_in_a_folder_is_judged_or_reported(tmp_path: Path, monkeypatch) -> None:
+    for name in ("a/1.png", "a/2.jfif", "a/3.heic", "a/README", "a/locked/4.png", "real/5.png", "real/deeper/6.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "real")  # followed
+    (tmp_path / "real" / "deeper" / "loop").symlink_to(tmp_path / "real")  # searched once
+    unlistable(monkeypatch, tmp_path / "a" / "locked")
+    found = expand_inputs([str(tmp_path / "a")], io.StringIO())
+    assert [p.relative_to(tmp_path).as_posix() for p in found.images] == [
+        "a/1.png", "a/link/5.png", "a/link/deeper/6.png"]
+    assert found.unreadable_folders == {tmp_path / "a" / "locked": "Permission denied"}
+    assert found.other_files == {".jfif": 1, ".heic": 1, "": 1}
+    assert found.repeated_folders == [tmp_path / "a" / "link" / "deeper" / "loop"]
+    more = expand_inputs([str(tmp_path / "a")], io.StringIO(), batch.IMAGE_EXTENSIONS | batch.normalise_extensions(
+        ["JFIF,.heic"]))
+    assert {p.name for p in more.images} == {"1.png", "2.jfif", "3.heic", "5.png", "6.png"}
+    assert more.other_files == {"": 1}
+    with pytest.raises(BatchError, match="--include takes file extensions"):
+        batch.normalise_extensions([".,"])
+
+
+def test_a_run_reports_what_it_did_not_judge(server: TritonServer, scenes, tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "images"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "scene.png").write_bytes(scenes["safe"][0].read_bytes())
+    (folder / "copy.jfif").write_bytes(b"a JPEG by another name")
+    (folder / "notes").write_text("no extension")
+    unlistable(monkeypatch, folder / "locked")
+    out = tmp_path / "out.jsonl"
+    result = judge(str(folder), "-c", "toy-world", "--url", server.url, "--out", str(out))
+    assert result.exit_code == 2, result.output  # an input (the folder) has an error
+    lines = {line["path"]: line for line in records(out)}
+    assert lines[str(folder / "scene.png")]["safe"] is True
+    assert lines[str(folder / "locked")]["error"] == {"kind": "unreadable",
+                                                      "message": "cannot list this folder: Permission denied"}
+    assert "not judged: 2 files with other extensions in the folders (.jfif 1, no extension 1)" in result.stderr
+    included = judge(str(folder), "-c", "toy-world", "--url", server.url, "--include", "jfif", "--json")
+    assert '"kind":"invalid"' in included.stdout and "copy.jfif" in included.stdout, included.output
 
 
 def test_missing_inputs_and_misplaced_flags_are_bad_arguments(tmp_path: Path) -> None:
@@ -187,10 +240,10 @@ def test_a_server_that_stays_unavailable_stops_the_run_and_the_next_run_goes_on(
     out = tmp_path / "out.jsonl"
     stopped = r"server at test unavailable for \d s \(--max-outage 0.5\): connection refused; 2 of 5 inputs are in"
     with pytest.raises(BatchError, match=stopped):
-        run(images, flaky_judges(calls, 2, float("inf")), out, max_outage_s=0.5)
+        run(Inputs(images), flaky_judges(calls, 2, float("inf")), out, max_outage_s=0.5)
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == list(map(str, images[:2]))
     calls.clear()
-    assert run(images, flaky_judges(calls, 5, 0), out).exit_code == 0
+    assert run(Inputs(images), flaky_judges(calls, 5, 0), out).exit_code == 0
     assert calls == images[2:]
     assert_one_line_per_input(out, images)
 
@@ -202,7 +255,7 @@ def test_an_outage_is_waited_for_and_the_run_goes_on_without_losing_or_repeating
     calls: list[Path] = []
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
-    summary = run(images, flaky_judges(calls, 4, 2.5, concurrency=3), out, max_outage_s=60)
+    summary = run(Inputs(images), flaky_judges(calls, 4, 2.5, concurrency=3), out, max_outage_s=60)
     assert summary.exit_code == 0 and summary.judged_now == 12
     assert 2.5 <= time.monotonic() - started < 15
     assert_one_line_per_input(out, images)
