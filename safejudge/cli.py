@@ -560,7 +560,8 @@ def status(
             f"limits: frames {limits.frames} (request max {limits.max_request_frames}), reasoning calls "
             f"{limits.reasoning_calls} (request max {limits.max_request_reasoning_calls}), request timeout "
             f"{limits.request_timeout_s:g} s, image {limits.image.max_bytes} bytes / {limits.image.max_pixels} "
-            f"pixels / {limits.image.max_side} px side / {limits.image.max_frames} frames"
+            f"pixels / {limits.image.max_side} px side / {limits.image.max_frames} frames / "
+            f"{limits.image.max_decoded_pixels} decoded pixels"
         )
         console.print("policy: requests may " + ("also loosen the judgement (--allow-lenient-options)"
                                                  if limits.allow_lenient_options else "only make the judgement stricter"))
