@@ -1,23 +1,41 @@
-"""The stage logic of the served pipeline without Triton: per-request faults, request limits and deadlines."""
+"""The stage logic of the served pipeline without Triton: per-request faults, request limits and deadlines; requests
+of several rows, the operator's policy, tokens and bounded metric labels."""
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from safejudge.backends.base import UnsupportedQuestion
+from safejudge.backends.registry import ModelSpec
 from safejudge.pipeline import (
+    UNKNOWN_CONSTITUTION,
     Cancelled,
     Deadline,
     Fault,
     FaultCode,
     InvalidRequest,
+    JudgeRequest,
+    JudgeRow,
+    JudgeStage,
+    JudgeStageSettings,
     RequestLimits,
     Unavailable,
+    authenticated,
+    credential_values,
     fault_of,
     parse_options,
+    token_digest,
 )
+from safejudge.shipped import CONSTITUTIONS
+from tests.test_merging import CountingMLLM
 
 
 def test_each_failure_becomes_the_answer_that_names_it():
@@ -53,28 +71,6 @@ def test_a_deadline_stops_work_nobody_waits_for():
 
 
 # The stage itself (JudgeStage.answer) on a scripted model: rows, the operator's policy, tokens, metric labels.
-
-import io
-import json
-import shutil
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-from safejudge.backends.registry import ModelSpec
-from safejudge.pipeline import (
-    UNKNOWN_CONSTITUTION,
-    JudgeRequest,
-    JudgeRow,
-    JudgeStage,
-    JudgeStageSettings,
-    authenticated,
-    credential_values,
-    token_digest,
-)
-from safejudge.shipped import CONSTITUTIONS
-from tests.test_merging import CountingMLLM
 
 QUICK = json.dumps({"relevance_filter": False, "max_reasoning_calls": 0}).encode()
 
@@ -195,7 +191,8 @@ def test_lenient_is_measured_against_the_constitutions_own_thresholds(tmp_path):
     constitutions = tmp_path / "constitutions"
     constitutions.mkdir()
     text = (CONSTITUTIONS / "general.yaml").read_text()
-    (constitutions / "general.yaml").write_text(text.replace("name: general", "name: general\nthresholds: {beta: 0.4}", 1))
+    stricter_beta = text.replace("name: general", "name: general\nthresholds: {beta: 0.4}", 1)
+    (constitutions / "general.yaml").write_text(stricter_beta)
     stage = JudgeStage(JudgeStageSettings(models=ModelSpec(relevance=None), constitutions=constitutions,
                                           cache_dir=tmp_path / "cache"), mllm=CountingMLLM())
     (answer,) = stage.answer([JudgeRequest.single(png(0), b"general", b'{"thresholds": {"beta": 0.5}}')])
@@ -216,7 +213,8 @@ def test_a_token_is_required_when_configured_and_compared_by_digest(tmp_path):
 
 
 def test_credentials_are_read_from_forwarded_headers_and_parameters():
-    parameters = '{"authorization":"spoof","authorization":"Bearer a","triton-grpc-protocol-authorization":"Bearer b","x":1}'
+    parameters = ('{"authorization":"spoof","authorization":"Bearer a",'
+                  '"triton-grpc-protocol-authorization":"Bearer b","x":1}')
     assert credential_values(parameters) == ("spoof", "Bearer a", "Bearer b")
     assert credential_values('{"Authorization":"Bearer c"}') == ("Bearer c",)
     assert credential_values("") == ()
