@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safejudge.backends.registry import ModelSpec
 from safejudge.bench import BenchSettings, bench_images, machine_facts, png_bytes
 from safejudge.evaluators import JudgeOptions
-from safejudge.shipped import CONSTITUTIONS
-from safejudge.server import _missing_libraries
 from safejudge.fingerprint import cache_root
+from safejudge.server import _missing_libraries
+from safejudge.shipped import CONSTITUTIONS
 
 PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 PERF_ANALYZER_MEMBER = "tritonclient-2.51.0.data/data/bin/perf_analyzer"

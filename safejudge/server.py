@@ -33,7 +33,13 @@ from string import Template
 from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from safejudge.backends.registry import ModelSpec, served_threads
-from safejudge.pipeline import CREDENTIAL_HEADERS, JudgeStageSettings, RequestLimits, token_digest
+from safejudge.pipeline import (
+    CREDENTIAL_HEADERS,
+    PROBE_REQUEST_PREFIX,
+    JudgeStageSettings,
+    RequestLimits,
+    token_digest,
+)
 from safejudge.shipped import CONSTITUTIONS, MODEL_REPOSITORY
 from safejudge.store import default_cache_dir
 
@@ -166,17 +172,47 @@ class TLSFiles:
 
 @dataclass(frozen=True)
 class Recovery:
-    """One stage process that died and was brought back by the supervisor."""
+    """One stage brought back by the supervisor: its process died, or it stopped answering probes ("hung")."""
 
     model: str
     pid: int
-    died_at: float
+    died_at: float  # when the supervisor noticed
     restored_at: float | None = None
     error: str | None = None
+    cause: str = "died"
 
     @property
     def seconds(self) -> float | None:
         return None if self.restored_at is None else self.restored_at - self.died_at
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the supervisor checks that a stage still answers.
+
+    Every `interval_s` it sends `model` a probe (safejudge.pipeline.is_probe: answered before any work) with
+    a deadline of `deadline_s`. A probe is missed when it got no answer from the stage within its deadline and
+    no execution of the model finished meanwhile (a busy stage finishes batches; one batch is judged to its end
+    before the next starts, so a probe may wait for up to a request's whole timeout). `misses` in a row: the
+    stage is taken for hung, its processes are killed and it is reloaded like a dead one.
+    """
+
+    model: str = "safety_judge"
+    interval_s: float = 10.0
+    deadline_s: float = 90.0
+    misses: int = 2
+
+
+# Added to the request timeout for the probe's default deadline: a request's last MLLM call may run past its
+# deadline (it is checked before each call), and a probe waits for the batch in progress.
+PROBE_DEADLINE_MARGIN_S = 30.0
+# The supervisor's retries: 1 s, doubling, at most 30 s apart, for as long as the server runs.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+def _backoff(delay: float) -> float:
+    return min(delay * 2, BACKOFF_MAX_S)
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -213,60 +249,229 @@ def stub_processes(server_pid: int) -> dict[int, str]:
 
 
 class StageSupervisor(threading.Thread):
-    """Brings a stage back after its process died (kill -9, OOM): Triton 2.51 itself never restarts a stub
-    and keeps reporting the model ready while every request to it fails.
+    """Brings a stage back after its process died (kill -9, OOM) or after it stopped answering: Triton 2.51
+    itself never restarts a stub, keeps reporting the model ready while every request to it fails, and never
+    notices a stub that hangs.
 
-    Polls the stubs' pids; when one is gone its model is unloaded at once (readiness turns false: the
-    server runs with --strict-readiness) and loaded again through the model-control API.
+    Polls the stubs' pids; when one is gone its model is unloaded at once (readiness turns false: the server
+    runs with --strict-readiness) and loaded again through the model-control API. With `probe`, a second
+    thread probes that model (ProbeSettings) and kills the processes of a stage that stopped answering, which
+    the poll then reloads the same way. Neither thread stops for good while the server runs: every error (a
+    refused connection, a timeout, anything else) is reported through `on_event` and retried with backoff
+    (BACKOFF_FIRST_S doubling to BACKOFF_MAX_S), and a reload is retried until it succeeds. `http_url` is the
+    server's HTTP address, read at every attempt.
     """
 
-    def __init__(self, server: TritonServer, poll_s: float = 0.2):
+    def __init__(self, server: TritonServer, poll_s: float = 0.2, probe: ProbeSettings | None = None):
         super().__init__(name="safejudge-stage-supervisor", daemon=True)
         self.server = server
         self.poll_s = poll_s
+        self.probe = probe
+        self.http_url = server.http_url
         self.recoveries: list[Recovery] = []
         self.stopping = threading.Event()
         self.on_event = lambda message: logger.warning("%s", message)
+        self.prober: threading.Thread | None = None
+        self._process = server.process
+        # Listed before start() returns: a stage that dies from then on is noticed (None: run() lists them).
+        try:
+            self._stubs: dict[int, str] | None = stub_processes(self._process.pid)
+        except OSError:
+            self._stubs = None
+        # model -> (when, one pid) of a stage the prober found hung and killed; the poll reloads it. The lock
+        # makes "recorded and killed" one step for the poll.
+        self._hung: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        # Processes of a reloaded stage's old instances, killed if still there `retire_grace_s` after the reload:
+        # Triton unloads in the background, and an unload that waits on a killed sibling never ends, leaking
+        # the old instances' processes (and their models' memory).
+        self.retire_grace_s = 30.0
+        self.retiring: dict[int, tuple[str, float]] = {}  # pid -> (model, when it is killed)
 
-    def run(self) -> None:
+    def _client(self, network_timeout: float, connection_timeout: float = 10.0):
         import tritonclient.http as httpclient
 
-        process = self.server.process
-        headers = {ADMIN_HEADER: self.server.admin_key}
-        with httpclient.InferenceServerClient(self.server.http_url, network_timeout=self.server.ready_timeout) as client:
-            stubs = stub_processes(process.pid)
-            while not self.stopping.wait(self.poll_s) and process.poll() is None:
-                dead = {pid: model for pid, model in stubs.items() if _process_state(pid) in (None, "Z")}
-                first_dead: dict[str, int] = {}
-                for pid, model in dead.items():
-                    first_dead.setdefault(model, pid)
-                for model, pid in first_dead.items():
-                    self._restore(client, headers, model, pid)
-                if dead:
-                    stubs = stub_processes(process.pid)
+        return httpclient.InferenceServerClient(
+            self.http_url, connection_timeout=connection_timeout, network_timeout=network_timeout
+        )
 
-    def _restore(self, client, headers: dict[str, str], model: str, pid: int) -> None:
-        from tritonclient.utils import InferenceServerException
-
-        died_at = time.monotonic()
-        self.on_event(f"stage {model} (pid {pid}) died; reloading it")
-        error = None
-        for attempt in range(5):
+    def run(self) -> None:
+        if self.probe is not None:
+            self.prober = threading.Thread(target=self._probe_loop, name="safejudge-stage-prober", daemon=True)
+            self.prober.start()
+        stubs, delay = self._stubs, BACKOFF_FIRST_S
+        while not self.stopping.is_set() and self._process.poll() is None:
             try:
-                client.unload_model(model, headers=headers)
-                client.load_model(model, headers=headers)
-                break
-            except InferenceServerException as exc:
-                error = str(exc)
-                self.on_event(f"stage {model}: reload attempt {attempt + 1} failed: {exc}")
-                if self.stopping.wait(2.0 * (attempt + 1)):
+                if stubs is None:
+                    stubs = stub_processes(self._process.pid)
+                with self._lock:
+                    hung = dict(self._hung)
+                dead = {pid: model for pid, model in stubs.items() if _process_state(pid) in (None, "Z")}
+                reload: dict[str, int] = {model: pid for model, (_, pid) in hung.items()}
+                for pid, model in dead.items():
+                    reload.setdefault(model, pid)
+                for model, pid in reload.items():
+                    self._restore(model, pid)
+                if reload:
+                    # The reloaded stages' new processes. Old ones may outlive the unload call for a while (Triton
+                    # unloads in the background): their exit is expected, not a death.
+                    listed = stub_processes(self._process.pid)
+                    retire_at = time.monotonic() + self.retire_grace_s
+                    self.retiring |= {pid: (m, retire_at) for pid, m in listed.items() if m in reload and pid in stubs}
+                    stubs = {pid: m for pid, m in listed.items() if pid not in self.retiring}
+                self._retire()
+                delay = BACKOFF_FIRST_S
+            except Exception as exc:  # noqa: BLE001 - the supervisor must outlive its own faults
+                stubs = None
+                self.on_event(f"supervisor: {type(exc).__name__}: {exc}; retrying in {delay:g} s")
+                if self.stopping.wait(delay):
                     return
-        else:
-            self.recoveries.append(Recovery(model, pid, died_at, None, error))
-            return
-        recovery = Recovery(model, pid, died_at, time.monotonic())
+                delay = _backoff(delay)
+                continue
+            self.stopping.wait(self.poll_s)
+
+    def _retire(self) -> None:
+        """Kill old instances of reloaded stages still running past their grace period."""
+        now = time.monotonic()
+        for pid, (model, retire_at) in list(self.retiring.items()):
+            if _process_state(pid) in (None, "Z"):
+                del self.retiring[pid]
+            elif now >= retire_at:
+                del self.retiring[pid]
+                self.on_event(f"stage {model}: old process {pid} still running {self.retire_grace_s:g} s after the "
+                              "reload; killing it")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _restore(self, model: str, pid: int) -> None:
+        """Unload and load `model` until that succeeds, the server exits or the supervisor stops."""
+        with self._lock:
+            hung = self._hung.pop(model, None)
+        cause, noticed_at = ("died", time.monotonic()) if hung is None else ("hung", hung[0])
+        self.on_event(f"stage {model} (pid {pid}) {'died' if hung is None else 'stopped answering'}; reloading it")
+        headers = {ADMIN_HEADER: self.server.admin_key}
+        unloaded, attempt, delay = False, 0, BACKOFF_FIRST_S
+        while True:
+            attempt += 1
+            try:
+                with self._client(network_timeout=self.server.ready_timeout) as client:
+                    if not unloaded:
+                        client.unload_model(model, headers=headers)
+                        unloaded = True
+                    client.load_model(model, headers=headers)
+                break
+            except Exception as exc:  # noqa: BLE001 - refused connections, timeouts, Triton's errors: all retried
+                error = f"{type(exc).__name__}: {exc}"
+                self.on_event(f"stage {model}: reload attempt {attempt} failed ({error}); retrying in {delay:g} s")
+                if self.stopping.wait(delay) or self._process.poll() is not None:
+                    self.recoveries.append(Recovery(model, pid, noticed_at, None, error, cause))
+                    return
+                delay = _backoff(delay)
+        recovery = Recovery(model, pid, noticed_at, time.monotonic(), cause=cause)
         self.recoveries.append(recovery)
         self.on_event(f"stage {model} restored in {recovery.seconds:.1f} s")
+
+    # --- probing ---------------------------------------------------------------------------------------------
+
+    def _probe_loop(self) -> None:
+        probe = self.probe
+        misses, wait, delay, sent = 0, probe.interval_s, BACKOFF_FIRST_S, 0
+        while not self.stopping.wait(wait) and self._process.poll() is None:
+            wait, sent = probe.interval_s, sent + 1
+            try:
+                outcome = self._probe_once(probe, sent)
+                delay = BACKOFF_FIRST_S
+            except Exception as exc:  # noqa: BLE001 - e.g. the HTTP port refuses: not the stage's fault
+                self.on_event(f"probe of {probe.model} failed ({type(exc).__name__}: {exc}); retrying in {delay:g} s")
+                misses, wait, delay = 0, delay, _backoff(delay)
+                continue
+            if outcome != "missed":
+                misses = 0
+                continue
+            misses += 1
+            self.on_event(
+                f"stage {probe.model}: probe unanswered for {probe.deadline_s:g} s and no execution finished "
+                f"({misses} of {probe.misses})"
+            )
+            if misses >= probe.misses:
+                misses = 0
+                self._kill_hung(probe.model)
+            else:
+                wait = 0.0  # the next probe at once
+
+    def _probe_once(self, probe: ProbeSettings, number: int) -> str:
+        """One probe: "answered" (by the stage), "not ready" (nothing to probe), "rejected" (by Triton for
+        another reason: not the stage's doing), "progress" (unanswered, but executions finished meanwhile) or
+        "missed". Connection errors raise."""
+        from tritonclient.utils import InferenceServerException
+
+        headers = {} if self.server.auth_token is None else {"authorization": f"Bearer {self.server.auth_token}"}
+        timeouts = {"network_timeout": probe.deadline_s, "connection_timeout": min(probe.deadline_s, 10.0)}
+        with self._client(**timeouts) as client:
+            if not client.is_model_ready(probe.model):
+                return "not ready"  # loading or unloaded: the supervisor is on it
+            before = _executions(client, probe.model, headers)
+        sent_at = time.monotonic()
+        try:
+            with self._client(**timeouts) as client:
+                client.infer(
+                    probe.model, probe_inputs(), request_id=f"{PROBE_REQUEST_PREFIX}{number}", headers=headers,
+                    timeout=int(probe.deadline_s * 1e6),
+                )
+            return "answered"
+        except InferenceServerException as exc:
+            status = exc.status() or ""
+            if status == "400":
+                return "answered"  # refused by the stage itself (a stage that does not know probes)
+            if status.startswith("4"):
+                # Not found (unloading), forbidden: not the stage's doing, and nothing a reload mends.
+                self.on_event(f"probe of {probe.model} rejected: {status} {exc.message()}")
+                return "rejected"
+            # 503 from the queue (full, or waited past its timeout), 500 from the Python backend (a stub that
+            # does not answer its health check is "not healthy"): whether the stage works is told below.
+        except TimeoutError:
+            pass
+        if self.stopping.wait(max(0.0, sent_at + probe.deadline_s - time.monotonic())):
+            return "not ready"
+        with self._client(**timeouts) as client:
+            if not client.is_model_ready(probe.model):
+                return "not ready"
+            after = _executions(client, probe.model, headers)
+        return "progress" if after != before else "missed"
+
+    def _kill_hung(self, model: str) -> None:
+        """Kill every process of a stage that stopped answering (SIGKILL also ends a stopped process); the poll
+        reloads it."""
+        with self._lock:
+            pids = sorted(pid for pid, name in stub_processes(self._process.pid).items() if name == model)
+            self.on_event(f"stage {model} stopped answering; killing its processes {pids} to reload it")
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._hung[model] = (time.monotonic(), pids[0] if pids else 0)
+
+
+def probe_inputs() -> list:
+    """A probe's inputs: an empty IMAGE and CONSTITUTION (safejudge.pipeline.is_probe)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    tensors = []
+    for name in ("IMAGE", "CONSTITUTION"):
+        tensor = httpclient.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[b""]], dtype=object))
+        tensors.append(tensor)
+    return tensors
+
+
+def _executions(client, model: str, headers: Mapping[str, str]) -> int:
+    """Executions (batches) of `model` finished so far, from Triton's statistics."""
+    stats = client.get_inference_statistics(model, headers=dict(headers))
+    return sum(int(entry.get("execution_count", 0)) for entry in stats.get("model_stats", []))
 
 
 def _connectable(host: str) -> str:
@@ -307,6 +512,7 @@ class TritonServer:
         models_check_token: bool = False,
         http_host: str | None = None,
         supervise: bool = True,
+        probe: ProbeSettings | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.template_values = dict(template_values or {})
@@ -329,6 +535,7 @@ class TritonServer:
         self.admin_key = secrets.token_urlsafe(24)
         self.supervisor: StageSupervisor | None = None
         self.supervise = supervise
+        self.probe = probe  # the supervisor's liveness probe of a stage (ProbeSettings); None: none
         self._http_connect_host = _connectable(self.http_host)
         self.shm_prefix = f"safejudge_{uuid.uuid4().hex[:12]}_"
         self.run_dir: Path | None = None
@@ -450,7 +657,7 @@ class TritonServer:
             self.stop()
             raise
         if self.supervise:
-            self.supervisor = StageSupervisor(self)
+            self.supervisor = StageSupervisor(self, probe=self.probe)
             self.supervisor.start()
         return self
 
@@ -554,6 +761,14 @@ class ServeSettings(BaseModel):
     tls_ca: FilePath | None = Field(None, description="clients must present a certificate signed by this CA")
     auth_token_file: FilePath | None = None
     ready_timeout: float = Field(300.0, gt=0)
+    probe_interval_s: float = Field(
+        10.0, ge=0, description="seconds between the supervisor's liveness probes of safety_judge; 0: no probes"
+    )
+    probe_deadline_s: float | None = Field(
+        None, gt=0,
+        description="a probe unanswered this long with no batch finished meanwhile is missed, two in a row restart "
+        "the stage; default: the request timeout + 30 s (a busy stage judges a batch to its end first)",
+    )
     tritonserver: str = Field("auto", description="auto | wheel | the path of a Triton home (find_triton)")
     repository: Path = MODEL_REPOSITORY
 
@@ -576,6 +791,13 @@ class ServeSettings(BaseModel):
 
     def threads_per_instance(self) -> int:
         return served_threads(self.models, len(os.sched_getaffinity(0)) // self.instances())
+
+    def probe(self) -> ProbeSettings | None:
+        """The supervisor's probe of safety_judge; its deadline defaults to the request timeout + 30 s."""
+        if self.probe_interval_s == 0:
+            return None
+        deadline = self.probe_deadline_s or self.limits.request_timeout_s + PROBE_DEADLINE_MARGIN_S
+        return ProbeSettings(interval_s=self.probe_interval_s, deadline_s=deadline)
 
     def auth_token(self) -> str | None:
         if self.auth_token_file is None:
@@ -620,6 +842,7 @@ class ServeSettings(BaseModel):
             tls=tls,
             auth_token=self.auth_token(),
             models_check_token=True,
+            probe=self.probe(),
         )
 
 

@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 from pydantic import ValidationError
 from tritonclient.utils import deserialize_bytes_tensor
 
-from safejudge.evaluators import JudgeOptions
 import safejudge.perf as perf
+from safejudge.evaluators import JudgeOptions
 from safejudge.perf import (
     CUDA_RUNTIME_MEMBER,
     CUDA_RUNTIME_WHEEL,
