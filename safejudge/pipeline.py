@@ -14,7 +14,6 @@ error naming the row that caused it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -295,26 +294,6 @@ def is_probe(request: JudgeRequest) -> bool:
     return request.request_id.startswith(PROBE_REQUEST_PREFIX) and all(row.image == b"" for row in request.rows)
 
 
-def answers_probes(answer):
-    """Wraps JudgeStage.answer: a probe (is_probe) gets PROBE_ANSWER for each row, before any work (even the
-    token check: it tells only that this execute thread runs), and is neither logged nor counted in the
-    metrics. The other requests of the batch go to `answer` unchanged."""
-
-    @functools.wraps(answer)
-    def answer_probes_first(stage, requests, cancelled=()):
-        kept = [i for i, request in enumerate(requests) if not is_probe(request)]
-        if len(kept) == len(requests):
-            return answer(stage, requests, cancelled)
-        answers = [[PROBE_ANSWER] * len(request.rows) for request in requests]
-        if kept:
-            kept_cancelled = [cancelled[i] for i in kept] if cancelled else ()
-            for i, kept_answer in zip(kept, answer(stage, [requests[i] for i in kept], kept_cancelled), strict=True):
-                answers[i] = kept_answer
-        return answers
-
-    return answer_probes_first
-
-
 class JudgeStage:
     """The `safety_judge` model: image decoding and frame sampling, relevance, the detector and the MLLM in
     process, judge_frames over the compiled constitution. The requests of a dynamic batch are judged side
@@ -340,17 +319,19 @@ class JudgeStage:
         timeout_s = timeout_us / 1e6 if timeout_us > 0 else self.settings.limits.request_timeout_s
         return Deadline.after(timeout_s, cancelled)
 
-    @answers_probes
     def answer(
         self, requests: Sequence[JudgeRequest], cancelled: Sequence[Callable[[], bool]] = ()
     ) -> list[list[str] | Fault]:
         """For each request, the Verdict JSON of each of its rows (in order) or one Fault. cancelled[i]() says
-        whether request i's client gave up; it is called from this thread only, between the merged rounds."""
+        whether request i's client gave up; it is called from this thread only, between the merged rounds.
+        The supervisor's probes (is_probe), once their token is checked, get PROBE_ANSWER before any work and
+        are neither logged nor counted."""
         started = time.monotonic()
         flags = [False] * len(requests)
         deadlines = [self.deadline(r.timeout_us, lambda i=i: flags[i]) for i, r in enumerate(requests)]
         refused = {i: self._refusal(r) for i, r in enumerate(requests)}
-        jobs = [(i, row) for i, r in enumerate(requests) if refused[i] is None for row in r.rows]
+        probes = {i for i, r in enumerate(requests) if refused[i] is None and is_probe(r)}
+        jobs = [(i, row) for i, r in enumerate(requests) if refused[i] is None and i not in probes for row in r.rows]
 
         def poll() -> None:
             for i, is_cancelled in enumerate(cancelled):
@@ -358,7 +339,8 @@ class JudgeStage:
 
         outcomes = iter(self.merger.run([lambda i=i, row=row: self._judge(row, deadlines[i]) for i, row in jobs], poll))
         return [
-            self._account(request, started, refused[i] or [next(outcomes) for _ in request.rows])
+            [PROBE_ANSWER] * len(request.rows) if i in probes
+            else self._account(request, started, refused[i] or [next(outcomes) for _ in request.rows])
             for i, request in enumerate(requests)
         ]
 

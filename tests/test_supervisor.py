@@ -228,3 +228,13 @@ def test_only_an_empty_image_with_the_probe_id_is_a_probe():
     assert is_probe(probe_request())
     assert not is_probe(JudgeRequest.single(png(0), b"general", request_id=f"{PROBE_REQUEST_PREFIX}1"))
     assert not is_probe(JudgeRequest.single(b"", b"", request_id="client-1"))
+
+
+def test_a_probe_without_the_servers_token_is_refused_like_any_request(tmp_path):
+    from safejudge.pipeline import FaultCode, token_digest
+
+    stage = make_stage(tmp_path, token_sha256=token_digest("s3cret"))
+    (refused,) = stage.answer([probe_request()])
+    assert refused.code is FaultCode.UNAUTHENTICATED
+    with_token = JudgeRequest(probe_request().rows, request_id=f"{PROBE_REQUEST_PREFIX}2", credentials=("Bearer s3cret",))
+    assert stage.answer([with_token]) == [[PROBE_ANSWER]]
