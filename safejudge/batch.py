@@ -404,7 +404,9 @@ def in_process(
 class Outage:
     """The server's unavailability as the run's workers see it: since when it has lasted (from the first
     request refused after the last answer), how long each request waits before it is sent again, and when
-    the run gives up. `report` is told when an outage starts, goes on and ends."""
+    the run gives up. Only a server that has answered in this run is waited for: one never reached (a wrong
+    --url, a server not started) stops the run after the client's own retries. `report` is told when an
+    outage starts, goes on and ends."""
 
     def __init__(self, source: str, max_outage_s: float, report: Callable[[str], None] = lambda text: None):
         if max_outage_s < 0:
@@ -414,10 +416,13 @@ class Outage:
         self.report = report
         self.since: float | None = None
         self.outages = 0
+        self.reached = False
 
     def retry_after(self, error: ServerUnavailable, attempt: int) -> float:
         """Seconds to wait before sending a refused request again (its `attempt`-th retry); BatchError once
-        the outage has lasted max_outage_s."""
+        the outage has lasted max_outage_s, or at once while the server has not answered in this run."""
+        if not self.reached:
+            raise BatchError(f"{self.source} unavailable: {_one_line(error.message)}") from error
         now = time.monotonic()
         if self.since is None:
             self.since, self.outages = now, self.outages + 1
@@ -432,6 +437,7 @@ class Outage:
 
     def answered(self) -> None:
         """The server answered a request: an outage, if any, is over."""
+        self.reached = True
         if self.since is not None:
             since, self.since = self.since, None
             self.report(f"{self.source} back after {time.monotonic() - since:.0f} s")

@@ -252,6 +252,13 @@ def serve(
         None, help="inference requests must carry 'authorization: Bearer <token in this file>' (health stays open)"
     ),
     ready_timeout: float = typer.Option(300.0, help="seconds to wait for every model to load"),
+    probe_interval: float = typer.Option(
+        10.0, help="seconds between the supervisor's liveness probes of the judge stage (0: no probes)"
+    ),
+    probe_deadline: float = typer.Option(
+        None, help="a probe unanswered this long, with no batch finished meanwhile, is missed; two in a row restart "
+        "the stage [default: --request-timeout + 30]",
+    ),
     tritonserver: str = typer.Option(
         "auto", help="auto (the container's /opt/tritonserver if present, else the nvidia-pytriton wheel's) | wheel | PATH"
     ),
@@ -295,6 +302,8 @@ def serve(
             tls_ca=tls_ca,
             auth_token_file=auth_token_file,
             ready_timeout=ready_timeout,
+            probe_interval_s=probe_interval,
+            probe_deadline_s=probe_deadline,
             tritonserver=tritonserver,
         )
         server = settings.server()

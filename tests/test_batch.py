@@ -248,6 +248,17 @@ def test_a_server_that_stays_unavailable_stops_the_run_and_the_next_run_goes_on(
     assert_one_line_per_input(out, images)
 
 
+def test_a_server_never_reached_stops_the_run_at_once(tmp_path: Path) -> None:
+    """A wrong --url is not an outage to wait for: only a server that answered in this run is waited for."""
+    images = [tmp_path / f"{index}.png" for index in range(3)]
+    for image in images:
+        image.write_bytes(b"x")
+    started = time.monotonic()
+    with pytest.raises(BatchError, match="^server at test unavailable: connection refused$"):
+        run(Inputs(images), flaky_judges([], 0, float("inf")), tmp_path / "out.jsonl")
+    assert time.monotonic() - started < 5
+
+
 def test_an_outage_is_waited_for_and_the_run_goes_on_without_losing_or_repeating_inputs(tmp_path: Path, capsys) -> None:
     images = [tmp_path / f"{index}.png" for index in range(12)]
     for image in images:
