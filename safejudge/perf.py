@@ -2,7 +2,7 @@
 
 perf_analyzer from PyPI does not run here (its wheels need glibc 2.38; an unpinned install silently takes an
 empty 0.1.0 placeholder), so the 2.51.0 program inside the `tritonclient==2.51.0` wheel is used, with
-libcudart.so.12 from `nvidia-cuda-runtime-cu12` and Debian's libb64 (docs: triton-on-cpu.md). Both wheels
+libcudart.so.12 from `nvidia-cuda-runtime-cu12` and Debian's libb64 (docs/triton-on-cpu.md). Both wheels
 are downloaded and only the needed files unzipped into a directory of the environment: installing
 tritonclient 2.51 into the environment would replace the project's newer client.
 

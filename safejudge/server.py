@@ -1,6 +1,6 @@
 """Launches the Triton 2.51 server shipped in the nvidia-pytriton wheel, on CPU, as a child process.
 
-The recipe and its traps are in docs (triton-on-cpu.md): the Python-backend stub must be a copy for this
+The recipe and its traps are in docs/triton-on-cpu.md: the Python-backend stub must be a copy for this
 interpreter's X.Y, it needs libpython and the wheel's bundled libraries on LD_LIBRARY_PATH and the venv first
 on PATH, a stub that cannot load makes the server hang forever (hence `ldd` before starting and a readiness
 deadline), and a killed server leaves /dev/shm regions behind (hence a unique prefix, removed after stop).

@@ -3,8 +3,8 @@
 Target: TensorRT-LLM 1.2.1, as shipped in NGC's `nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3`
 (Triton tutorial "Deploying Hugging Face Qwen2.5-VL Model in Triton"), through the LLM API with the PyTorch
 backend: the Hugging Face checkpoint loads as it is, no engine build. Default checkpoint: Qwen2.5-VL-7B-Instruct.
-What 1.2.1 can and cannot do for "one image, ~40 yes/no questions" is in /work/shared/design/gpu-route.md and
-docs/gpu.md; the two routes here (the `route` setting):
+What 1.2.1 can and cannot do for "one image, ~40 yes/no questions" is in docs/gpu.md
+("What TensorRT-LLM 1.2.1 can and cannot do"); the two routes here (the `route` setting):
 
 - encode_once (Qwen2.5-VL): `tensorrt_llm.MultimodalEncoder` runs the vision tower once per distinct image
   of a call and returns `disaggregated_params` (embedding handles, mrope position handles); every question
