@@ -415,7 +415,6 @@ class Outage:
         self.max_outage_s = max_outage_s
         self.report = report
         self.since: float | None = None
-        self.outages = 0
         self.reached = False
 
     def retry_after(self, error: ServerUnavailable, attempt: int) -> float:
@@ -425,7 +424,7 @@ class Outage:
             raise BatchError(f"{self.source} unavailable: {_one_line(error.message)}") from error
         now = time.monotonic()
         if self.since is None:
-            self.since, self.outages = now, self.outages + 1
+            self.since = now
         lasted = now - self.since
         if lasted >= self.max_outage_s:
             raise BatchError(f"{self.source} unavailable for {lasted:.0f} s (--max-outage {self.max_outage_s:g}): "
@@ -523,8 +522,7 @@ class Summary:
     elapsed_s: float
     out: Path | None
     interrupted: bool = False
-    other_files: Counter = field(default_factory=Counter)  # files in the folders not judged, by extension
-    repeated_folders: list[Path] = field(default_factory=list)
+    found: Inputs = field(default_factory=lambda: Inputs([]))  # what the arguments named, judged or not
 
     @property
     def exit_code(self) -> int:
@@ -557,15 +555,14 @@ class Summary:
         if latencies:
             p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
             report.append(f"latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
-        if self.other_files:
-            kinds = ", ".join(f"{extension or 'no extension'} {count}" for extension, count in
-                              self.other_files.most_common())
-            count = self.other_files.total()
+        other_files, repeated = self.found.other_files, self.found.repeated_folders
+        if other_files:
+            kinds = ", ".join(f"{extension or 'no extension'} {count}" for extension, count in other_files.most_common())
+            count = other_files.total()
             report.append(f"not judged: {count} file{'' if count == 1 else 's'} with other extensions in the "
                           f"folders ({kinds}); --include EXT judges them too")
-        if self.repeated_folders:
-            report.append(f"searched once: {len(self.repeated_folders)} folder(s) reached again through links, "
-                          f"e.g. {self.repeated_folders[0]}")
+        if repeated:
+            report.append(f"searched once: {len(repeated)} folder(s) reached again through links, e.g. {repeated[0]}")
         if self.interrupted:
             report.append("interrupted" + (f": run the same command again to resume {self.out}" if self.out else ""))
         return report
@@ -665,7 +662,7 @@ def run(
                              "again to resume") from exc
         raise
     summary = Summary([lines[str(p)] for p in inputs if str(p) in lines], len(inputs), len(now),
-                      time.perf_counter() - started, out, interrupted, found.other_files, found.repeated_folders)
+                      time.perf_counter() - started, out, interrupted, found)
     order = {str(path): index for index, path in enumerate(inputs)}
     if out is None or as_json:
         _print_results(sorted(now, key=lambda line: order[line.path]), as_json)

@@ -129,13 +129,9 @@ def install_perf_analyzer(directory: Path | None = None) -> PerfAnalyzer:
     tool.directory.mkdir(parents=True, exist_ok=True)
     _unpack_from_wheel(PERF_ANALYZER_WHEEL, PERF_ANALYZER_MEMBER, tool.binary)
     _unpack_from_wheel(CUDA_RUNTIME_WHEEL, CUDA_RUNTIME_MEMBER, tool.cuda_runtime)
-    missing = _missing_libraries(tool.binary, tool.environment())
-    if any("libb64" in line for line in missing):
+    if any("libb64" in line for line in _missing_libraries(tool.binary, tool.environment())):
         _install_libb64()
-        missing = _missing_libraries(tool.binary, tool.environment())
-    if missing:
-        raise PerfAnalyzerError(f"{tool.binary} cannot load: " + "; ".join(missing))
-    return tool
+    return find_perf_analyzer(tool.directory)
 
 
 def find_perf_analyzer(directory: Path | None = None) -> PerfAnalyzer:

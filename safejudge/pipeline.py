@@ -172,9 +172,6 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
         raise InvalidRequest(f"OPTIONS is not valid JudgeOptions JSON: {validation_summary(exc)}") from exc
     if limits is None:
         return options
-    lenient = [] if limits.allow_lenient_options else lenient_choices(options)
-    if lenient:
-        raise InvalidRequest(_lenient_message(lenient))
     frames = limits.frames if options.frames is None else options.frames
     reasoning = limits.reasoning_calls if options.max_reasoning_calls is None else options.max_reasoning_calls
     if frames > limits.max_request_frames:
@@ -187,11 +184,6 @@ def parse_options(raw: bytes | None, limits: RequestLimits | None = None) -> Jud
     return options.model_copy(update={"frames": frames, "max_reasoning_calls": reasoning})
 
 
-def _lenient_message(lenient: list[str]) -> str:
-    return (f"OPTIONS {'; '.join(lenient)} would judge more leniently than this server's policy; "
-            f"the operator allows that with `safejudge serve {LENIENT_FLAG}`")
-
-
 def lenient_choices(options: JudgeOptions, base: Thresholds | None = None) -> list[str]:
     """What in `options` judges more leniently than the policy: fail_closed or strategy2 turned off, and
     with `base` (the constitution's thresholds, calibrated) every threshold moved in its lenient direction."""
@@ -199,11 +191,13 @@ def lenient_choices(options: JudgeOptions, base: Thresholds | None = None) -> li
     return found + ([] if base is None else [f"thresholds.{change}" for change in base.loosened_by(options.thresholds)])
 
 
-def check_thresholds(options: JudgeOptions, base: Thresholds, limits: RequestLimits) -> None:
-    """Refuse threshold overrides that loosen the constitution's (calibrated) thresholds, unless allowed."""
-    loosened = [] if limits.allow_lenient_options else base.loosened_by(options.thresholds)
-    if loosened:
-        raise InvalidRequest(_lenient_message([f"thresholds.{change}" for change in loosened]))
+def check_policy(options: JudgeOptions, base: Thresholds, limits: RequestLimits) -> None:
+    """Refuse OPTIONS that judge more leniently than the constitution's (calibrated) thresholds and the
+    server's fail-closed Strategy 2 engine, unless the operator allows it."""
+    lenient = [] if limits.allow_lenient_options else lenient_choices(options, base)
+    if lenient:
+        raise InvalidRequest(f"OPTIONS {'; '.join(lenient)} would judge more leniently than this server's policy; "
+                             f"the operator allows that with `safejudge serve {LENIENT_FLAG}`")
 
 
 def credential_values(parameters_json: str) -> tuple[str, ...]:
@@ -370,7 +364,7 @@ class JudgeStage:
             raise InvalidRequest(str(exc)) from exc
         except ConstitutionCompiling as exc:
             raise Unavailable(str(exc)) from exc
-        check_thresholds(parsed, compiled.constitution.thresholds, limits)
+        check_policy(parsed, compiled.constitution.thresholds, limits)
         deadline.check("judging")
         models = Models(RequestMLLM(self.merger, deadline.check), self.relevance, self.detector)
         return judge_frames(
