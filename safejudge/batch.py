@@ -373,11 +373,15 @@ def in_process(
 
         from safejudge.backends.base import UnsupportedQuestion
         from safejudge.backends.registry import ModelSpecError
-        from safejudge.pipeline import Fault, JudgeRequest, JudgeStage, JudgeStageSettings, StageFault, parse_options
+        from safejudge.pipeline import (
+            Fault, JudgeRequest, JudgeStage, JudgeStageSettings, RequestLimits, StageFault, parse_options,
+        )
         from safejudge.store import UnknownConstitution, default_cache_dir
         from safejudge_client.errors import from_triton
 
-        settings = JudgeStageSettings(models=spec, constitutions=constitutions, cache_dir=default_cache_dir())
+        # In process the user is the operator: every option of the judgement is theirs to choose.
+        settings = JudgeStageSettings(models=spec, constitutions=constitutions, cache_dir=default_cache_dir(),
+                                      limits=RequestLimits(allow_lenient_options=True))
         raw_options = None if options is None else json.dumps(options).encode()
         try:
             parse_options(raw_options, settings.limits)

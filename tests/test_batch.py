@@ -371,6 +371,11 @@ def test_in_process_judges_like_the_server(server, scenes, constitutions: Path, 
     assert decisions(local) == decisions(served)
     unknown = judge(*map(str, images), "-c", "nope", *local_flags)
     assert unknown.exit_code == 2 and "unknown constitution 'nope'" in unknown.stderr, unknown.output
+    # In process the user is the operator: options a server refuses without --allow-lenient-options are theirs.
+    lenient = ["--options", '{"fail_closed": false, "thresholds": {"beta": 0.9}}']
+    assert judge(*map(str, images), "-c", "toy-world", *local_flags, *lenient).exit_code == 1
+    refused = judge(*map(str, images), "-c", "toy-world", "--url", server.url, *lenient)
+    assert refused.exit_code == 2 and "--allow-lenient-options" in refused.stderr, refused.output
 
 
 # Resume after interruptions
